@@ -1,0 +1,332 @@
+"""Weight conversion: HF `BlipForConditionalGeneration` snapshots and original Salesforce BLIP
+`.pth` files -> our names, and ours -> HF. One table holds every name; every source key is either
+renamed by it or listed in IGNORED, every shape is checked, and anything else is an error.
+"""
+
+import json
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+
+from .checkpoint import CheckpointError, check_state_dict, load_model, load_tokenizer
+from .config import BlipConfig, TextConfig, VisionConfig
+from .image import CLIP_MEAN, CLIP_STD
+from .tokenizer import Tokenizer, write_hf_files
+
+# HF name | original BLIP name | our name. {i} is a layer index, {p} is "weight" or "bias".
+# Our ViT uses timm's names, which are the original checkpoint's; the original text decoder
+# uses the names HF kept.
+V, T = "vision_model.", "text_decoder.bert."
+TABLE = [
+    (V + "embeddings.class_embedding", "visual_encoder.cls_token", "visual_encoder.cls_token"),
+    (V + "embeddings.position_embedding", "visual_encoder.pos_embed", "visual_encoder.pos_embed"),
+    (V + "embeddings.patch_embedding.{p}", "visual_encoder.patch_embed.proj.{p}", "visual_encoder.patch_embed.proj.{p}"),
+    (V + "encoder.layers.{i}.layer_norm1.{p}", "visual_encoder.blocks.{i}.norm1.{p}", "visual_encoder.blocks.{i}.norm1.{p}"),
+    (V + "encoder.layers.{i}.self_attn.qkv.{p}", "visual_encoder.blocks.{i}.attn.qkv.{p}", "visual_encoder.blocks.{i}.attn.qkv.{p}"),
+    (V + "encoder.layers.{i}.self_attn.projection.{p}", "visual_encoder.blocks.{i}.attn.proj.{p}", "visual_encoder.blocks.{i}.attn.proj.{p}"),
+    (V + "encoder.layers.{i}.layer_norm2.{p}", "visual_encoder.blocks.{i}.norm2.{p}", "visual_encoder.blocks.{i}.norm2.{p}"),
+    (V + "encoder.layers.{i}.mlp.fc1.{p}", "visual_encoder.blocks.{i}.mlp.fc1.{p}", "visual_encoder.blocks.{i}.mlp.fc1.{p}"),
+    (V + "encoder.layers.{i}.mlp.fc2.{p}", "visual_encoder.blocks.{i}.mlp.fc2.{p}", "visual_encoder.blocks.{i}.mlp.fc2.{p}"),
+    (V + "post_layernorm.{p}", "visual_encoder.norm.{p}", "visual_encoder.norm.{p}"),
+    (T + "embeddings.word_embeddings.weight", None, "text_decoder.embeddings.word.weight"),
+    (T + "embeddings.position_embeddings.weight", None, "text_decoder.embeddings.position.weight"),
+    (T + "embeddings.LayerNorm.{p}", None, "text_decoder.embeddings.norm.{p}"),
+    (T + "encoder.layer.{i}.attention.self.query.{p}", None, "text_decoder.layers.{i}.self_attn.query.{p}"),
+    (T + "encoder.layer.{i}.attention.self.key.{p}", None, "text_decoder.layers.{i}.self_attn.key.{p}"),
+    (T + "encoder.layer.{i}.attention.self.value.{p}", None, "text_decoder.layers.{i}.self_attn.value.{p}"),
+    (T + "encoder.layer.{i}.attention.output.dense.{p}", None, "text_decoder.layers.{i}.self_attn.out.{p}"),
+    (T + "encoder.layer.{i}.attention.output.LayerNorm.{p}", None, "text_decoder.layers.{i}.norm1.{p}"),
+    (T + "encoder.layer.{i}.crossattention.self.query.{p}", None, "text_decoder.layers.{i}.cross_attn.query.{p}"),
+    (T + "encoder.layer.{i}.crossattention.self.key.{p}", None, "text_decoder.layers.{i}.cross_attn.key.{p}"),
+    (T + "encoder.layer.{i}.crossattention.self.value.{p}", None, "text_decoder.layers.{i}.cross_attn.value.{p}"),
+    (T + "encoder.layer.{i}.crossattention.output.dense.{p}", None, "text_decoder.layers.{i}.cross_attn.out.{p}"),
+    (T + "encoder.layer.{i}.crossattention.output.LayerNorm.{p}", None, "text_decoder.layers.{i}.norm2.{p}"),
+    (T + "encoder.layer.{i}.intermediate.dense.{p}", None, "text_decoder.layers.{i}.mlp.fc1.{p}"),
+    (T + "encoder.layer.{i}.output.dense.{p}", None, "text_decoder.layers.{i}.mlp.fc2.{p}"),
+    (T + "encoder.layer.{i}.output.LayerNorm.{p}", None, "text_decoder.layers.{i}.norm3.{p}"),
+    ("text_decoder.cls.predictions.transform.dense.{p}", None, "text_decoder.head.dense.{p}"),
+    ("text_decoder.cls.predictions.transform.LayerNorm.{p}", None, "text_decoder.head.norm.{p}"),
+    ("text_decoder.cls.predictions.bias", None, "text_decoder.head.bias"),
+]
+# the LM head's output layer is tied to the word embeddings; files may or may not store it
+TIED = {
+    "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+}
+# present in some files, not used by a captioner (regular expressions, matched whole)
+IGNORED = [
+    r"text_decoder\.bert\.embeddings\.position_ids",  # a buffer older transformers saved
+    # the rest of an original BLIP pretraining checkpoint: ITC/ITM text encoder, momentum
+    # encoders, projections, queues and temperature
+    r"(text_encoder|text_encoder_m|visual_encoder_m|text_decoder_m)\..*",
+    r"(vision_proj|text_proj|vision_proj_m|text_proj_m|itm_head)\.(weight|bias)",
+    r"temp|image_queue|text_queue|idx_queue|ptr_queue|queue_ptr",
+]
+HF, ORIGINAL, OURS = 0, 1, 2
+
+
+def _pattern(template: str) -> re.Pattern:
+    rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(rx)
+
+
+def rename(state: dict, src: int, dst: int, source: str) -> dict:
+    """Rename every key of `state` from column `src` of TABLE to column `dst`."""
+    rows = [(row[src] or row[HF], row[dst] or row[HF]) for row in TABLE]
+    rules = [(_pattern(a), b) for a, b in rows]
+    tied = TIED if src != OURS else {}
+    ignored = [re.compile(p) for p in IGNORED] if src != OURS else []
+    out = {}
+    for key, value in state.items():
+        if key in tied:
+            continue  # checked against its source in check_tied
+        if any(p.fullmatch(key) for p in ignored):
+            continue
+        for rx, target in rules:
+            m = rx.fullmatch(key)
+            if m:
+                out[target.format(**m.groupdict())] = value
+                break
+        else:
+            raise CheckpointError(f"{source}: unknown weight {key}")
+    if src != OURS:
+        check_tied(state, source)
+    return out
+
+
+def check_tied(state: dict, source: str):
+    for key, twin in TIED.items():
+        if key in state and twin in state and not torch.equal(state[key], state[twin]):
+            raise CheckpointError(f"{source}: {key} differs from {twin}, but BLIP ties them")
+
+
+# --- reading source files -----------------------------------------------------------------
+def read_tensors(path: Path) -> dict:
+    """A safetensors / .bin / .pth file (or a sharded safetensors index) -> {name: tensor}."""
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_tensors(path.parent / shard).items()}
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused, the pickle holds more than tensors and could run code ({first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read ({str(e).strip().splitlines()[0][:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # original BLIP: {"model": state_dict, ...}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+# --- configs ------------------------------------------------------------------------------
+# transformers writes only the values that differ from its class defaults
+HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          image_size=384, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5)
+HF_TEXT_DEFAULTS = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=8, max_position_embeddings=512, hidden_act="gelu",
+                        layer_norm_eps=1e-12, pad_token_id=0, bos_token_id=30522, sep_token_id=102)
+
+
+def config_from_hf(d: dict, source: str) -> BlipConfig:
+    if d.get("model_type") != "blip":
+        raise CheckpointError(f"{source}: model_type is {d.get('model_type')!r}, expected 'blip'")
+    v = {**HF_VISION_DEFAULTS, **(d.get("vision_config") or {})}
+    t = {**HF_TEXT_DEFAULTS, **(d.get("text_config") or {})}
+    for name, act in (("vision_config", v["hidden_act"]), ("text_config", t["hidden_act"])):
+        if act != "gelu":
+            raise CheckpointError(f"{source}: {name}.hidden_act is {act!r}; only exact 'gelu' is implemented")
+    vision = VisionConfig(
+        image_size=_square(v["image_size"], source), patch_size=_square(v["patch_size"], source),
+        width=v["hidden_size"], depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
+        mlp_dim=v["intermediate_size"], ln_eps=v["layer_norm_eps"],
+    )
+    text = TextConfig(
+        vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
+        heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"], max_positions=t["max_position_embeddings"],
+        ln_eps=t["layer_norm_eps"], encoder_width=vision.width,  # HF sets it from the vision width too
+        pad_token_id=t["pad_token_id"], bos_token_id=t["bos_token_id"], sep_token_id=t["sep_token_id"],
+    )
+    return BlipConfig(vision=vision, text=text)
+
+
+def _square(size, source: str) -> int:
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise CheckpointError(f"{source}: non-square size {size} is not supported")
+        size = size[0]
+    return int(size)
+
+
+def config_to_hf(config: BlipConfig) -> dict:
+    v, t = config.vision, config.text
+    return {
+        "architectures": ["BlipForConditionalGeneration"], "model_type": "blip", "tie_word_embeddings": True,
+        "vision_config": {
+            "model_type": "blip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+            "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "hidden_act": "gelu", "layer_norm_eps": v.ln_eps,
+        },
+        "text_config": {
+            "model_type": "blip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+            "encoder_hidden_size": t.encoder_width, "intermediate_size": t.mlp_dim,
+            "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
+            "max_position_embeddings": t.max_positions, "hidden_act": "gelu", "layer_norm_eps": t.ln_eps,
+            "pad_token_id": t.pad_token_id, "bos_token_id": t.bos_token_id, "sep_token_id": t.sep_token_id,
+        },
+    }
+
+
+def config_from_original(state: dict, source: str) -> BlipConfig:
+    """Original .pth files hold no config: read sizes off the tensors (heads: width / 64)."""
+    def need(key):
+        if key not in state:
+            raise CheckpointError(f"{source}: missing weight {key}")
+        return state[key]
+
+    def count(prefix):
+        return len({m.group(1) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+
+    patch = need("visual_encoder.patch_embed.proj.weight")  # (C, 3, p, p)
+    positions = need("visual_encoder.pos_embed").shape[1]
+    grid = round((positions - 1) ** 0.5)
+    width, p = patch.shape[0], patch.shape[-1]
+    vision = VisionConfig(
+        image_size=grid * p, patch_size=p, width=width, depth=count("visual_encoder.blocks."),
+        heads=width // 64, mlp_dim=need("visual_encoder.blocks.0.mlp.fc1.weight").shape[0],
+        ln_eps=1e-6,  # the original BLIP ViT's LayerNorm eps
+    )
+    word = need(T + "embeddings.word_embeddings.weight")
+    text = TextConfig(
+        vocab_size=word.shape[0], width=word.shape[1], depth=count(T + "encoder.layer."),
+        heads=word.shape[1] // 64, mlp_dim=need(T + "encoder.layer.0.intermediate.dense.weight").shape[0],
+        max_positions=need(T + "embeddings.position_embeddings.weight").shape[0], encoder_width=width,
+    )
+    return BlipConfig(vision=vision, text=text)
+
+
+# --- whole conversions --------------------------------------------------------------------
+def load_source(src: Path, tokenizer_path=None):
+    """An HF snapshot folder or an original BLIP .pth -> (config, our state dict, tokenizer)."""
+    if src.is_dir():
+        cfg_path = src / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{src} has no config.json: not an HF snapshot folder")
+        candidates = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+        weights = next((src / n for n in candidates if (src / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{src} has none of {', '.join(candidates)}")
+        try:
+            hf_config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        config = config_from_hf(hf_config, str(cfg_path))
+        raw = read_tensors(weights)
+        _need_decoder(raw, weights)
+        state = rename(raw, HF, OURS, str(weights))
+        tokenizer = _tokenizer(tokenizer_path or src)
+    elif src.is_file():
+        if tokenizer_path is None:
+            raise CheckpointError(f"{src}: an original BLIP file holds no tokenizer; pass --tokenizer vocab.txt")
+        raw = read_tensors(src)
+        _need_decoder(raw, src)
+        config = config_from_original(raw, str(src))
+        state = rename(raw, ORIGINAL, OURS, str(src))
+        tokenizer = _tokenizer(tokenizer_path)
+    else:
+        raise CheckpointError(f"not found: {src}")
+    t = config.text
+    got = (len(tokenizer), tokenizer.dec_id, tokenizer.sep_id, tokenizer.pad_id)
+    want = (t.vocab_size, t.bos_token_id, t.sep_token_id, t.pad_token_id)
+    if got != want:
+        raise CheckpointError(
+            f"tokenizer (size, [DEC], [SEP], [PAD]) = {got} does not match the model's {want}: wrong vocab file?"
+        )
+    return config, state, tokenizer
+
+
+def _need_decoder(raw: dict, source):
+    if not any(k.startswith("text_decoder.") for k in raw):
+        raise CheckpointError(f"{source}: no text_decoder.* weights, so not a captioning checkpoint")
+
+
+def _tokenizer(path):
+    try:
+        return Tokenizer.from_file(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def resize_positions(config: BlipConfig, state: dict, image_size: int) -> BlipConfig:
+    """Resample the ViT's position grid (bicubic, class token kept) for a new input size."""
+    v = config.vision
+    if image_size % v.patch_size:
+        raise CheckpointError(f"--image-size {image_size} is not a multiple of the patch size {v.patch_size}")
+    grid = image_size // v.patch_size
+    key = "visual_encoder.pos_embed"
+    state[key] = resample_abs_pos_embed(state[key], [grid, grid], num_prefix_tokens=1, antialias=False)
+    return replace(config, vision=replace(v, image_size=image_size))
+
+
+def convert(src, out, tokenizer_path=None, image_size=None):
+    """Convert an HF snapshot or original BLIP file into our checkpoint folder `out`."""
+    from .model import BlipCaptioner
+
+    src = Path(src)
+    config, state, tokenizer = load_source(src, tokenizer_path)
+    if image_size and image_size != config.vision.image_size:
+        config = resize_positions(config, state, image_size)
+    model = BlipCaptioner(config)
+    check_state_dict(state, model.state_dict(), str(src))
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out, tokenizer)
+    return model
+
+
+def export_hf(ours, out):
+    """Write our checkpoint folder as an HF snapshot that BlipForConditionalGeneration loads."""
+    model, tokenizer = load_model(ours), load_tokenizer(ours)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = rename(model.state_dict(), OURS, HF, str(ours))  # tied LM-head weights left out, as HF writes them
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    write_hf_files(tokenizer, out)
+    size = model.config.vision.image_size
+    processor = {
+        "image_processor_type": "BlipImageProcessor", "processor_class": "BlipProcessor",
+        "do_convert_rgb": True, "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch an HF hub snapshot (needs huggingface_hub and a network)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} is not a local path, and huggingface_hub is not installed to download it: "
+            f"pip install huggingface_hub, or run `hf download {repo_id} --local-dir DIR` elsewhere and convert DIR"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as e:  # network, auth and missing-repo errors all end here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot download {repo_id}: {first[:200]}") from None

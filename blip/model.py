@@ -1,0 +1,81 @@
+"""BlipCaptioner: BLIP's image-grounded text decoder (Li et al., 2022, section 3.1 and 3.2).
+
+    image (B, 3, H, W) --ViT--> image tokens (B, N, C_img)
+    [DEC] caption [SEP] (B, T) --decoder: causal self-attn, cross-attn to image tokens--> logits (B, T, vocab)
+
+Logits are aligned like HF `BlipForConditionalGeneration(...).logits`: position t scores token t + 1.
+The loss follows the original BLIP (models/blip.py, BLIP_Decoder.forward), not HF's `forward`:
+the first token is [DEC], pads and prompt tokens are not targets, labels are smoothed by 0.1.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BlipConfig
+from .text import KVCache, TextDecoder
+from .vit import VisionTransformer
+
+IGNORE = -100  # label of a position the loss skips (pads, prompt)
+
+
+class BlipCaptioner(nn.Module):
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_decoder = TextDecoder(config.text)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, C_img) image tokens."""
+        return self.visual_encoder(pixel_values)
+
+    def forward(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """pixel_values (B, 3, H, W), input_ids (B, T), attention_mask (B, T) -> logits (B, T, vocab)."""
+        image_embeds = self.encode_image(pixel_values)
+        return self.text_decoder(input_ids, attention_mask, image_embeds)
+
+    def new_cache(self, image_embeds: torch.Tensor) -> KVCache:
+        """A decoding cache holding each layer's cross-attention keys/values for these images."""
+        return self.text_decoder.new_cache(image_embeds)
+
+    def loss(self, pixel_values, input_ids, attention_mask=None, prompt_length: int = 0) -> torch.Tensor:
+        """BLIP's captioning loss for a batch of `[DEC] prompt caption [SEP] [PAD]...` sequences."""
+        labels = caption_labels(input_ids, attention_mask, prompt_length, self.config.text.bos_token_id)
+        logits = self(pixel_values, input_ids, attention_mask)
+        return caption_loss(logits, labels, self.config.label_smoothing)
+
+    @classmethod
+    def from_pretrained(cls, folder, map_location="cpu") -> "BlipCaptioner":
+        from .checkpoint import load_model
+
+        return load_model(folder, map_location)
+
+    def save_pretrained(self, folder, tokenizer=None):
+        """Write config.json and model.safetensors (and tokenizer.json when given) to `folder`."""
+        from .checkpoint import save_model
+
+        save_model(self, folder, tokenizer)
+
+
+def caption_labels(input_ids, attention_mask, prompt_length: int, bos_token_id: int) -> torch.Tensor:
+    """Targets for `caption_loss`: the input ids with [DEC], the prompt and pads set to IGNORE."""
+    if not (input_ids[:, 0] == bos_token_id).all():
+        raise ValueError(
+            f"every caption must start with [DEC] (id {bos_token_id}), not [CLS]: "
+            "encode captions with Tokenizer.encode_caption / Tokenizer.batch"
+        )
+    labels = input_ids.clone()
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, IGNORE)
+    labels[:, : 1 + prompt_length] = IGNORE
+    return labels
+
+
+def caption_loss(logits, labels, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Mean next-token cross-entropy over caption tokens: logits[:, t] predicts labels[:, t + 1]."""
+    V = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE, label_smoothing=label_smoothing,
+    )

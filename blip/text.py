@@ -1,0 +1,219 @@
+"""BERT-style text transformer: BLIP's text encoder and its image-grounded caption decoder.
+
+BLIP (Li et al., 2022, section 3.1) shares one post-LN BERT layer design between its text encoder
+(bidirectional self-attention) and its decoder (causal self-attention); both may cross-attend
+to the image tokens after self-attention. The decoder ends in BERT's LM head whose output
+matrix is the word-embedding matrix (tied). Matches HF `BlipTextLMHeadModel` and the original
+`models/med.py`; only the parameter names differ (see blip/convert.py for the table).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when keys/values come from the same tokens as the
+    queries; cross-attention when they come from the image tokens (`kv_width` = image width)."""
+
+    def __init__(self, width: int, kv_width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+        self.out = nn.Linear(width, width)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, hd)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def forward(self, x, k, v, mask=None, is_causal=False) -> torch.Tensor:
+        """x: (B, T, C) queries; k, v: (Bk, heads, S, hd) with B = G * Bk.
+
+        G > 1 when G sequences share one set of keys/values (the beams of one image share its
+        cross-attention keys/values): their queries are folded into one longer query axis, so
+        the keys/values are never copied per sequence. Masks only occur with G = 1.
+        """
+        B, T, C = x.shape
+        Bk, H, S, hd = k.shape
+        G = B // Bk
+        q = self.split_heads(self.query(x))  # (B, heads, T, hd)
+        q = q.view(Bk, G, H, T, hd).transpose(1, 2).reshape(Bk, H, G * T, hd)  # (Bk, heads, G*T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = y.view(Bk, H, G, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, C)  # (B, T, C)
+        return self.out(y)
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TextLayer(nn.Module):
+    """Post-LN: x = norm1(x + self_attn(x)); x = norm2(x + cross_attn(x, image)); x = norm3(x + mlp(x))."""
+
+    def __init__(self, cfg: TextConfig, cross: bool):
+        super().__init__()
+        self.self_attn = Attention(cfg.width, cfg.width, cfg.heads)
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        # cross-attention is where the text reads the image
+        self.cross_attn = Attention(cfg.width, cfg.encoder_width, cfg.heads) if cross else None
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps) if cross else None
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim)
+        self.norm3 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+
+    def forward(self, x, mask, is_causal, image_kv=None, past_kv=None):
+        """x: (B, T, C). image_kv: this layer's image keys/values. past_kv: a KVCache slot or None."""
+        k, v = self.self_attn.keys_values(x)  # (B, heads, T, hd)
+        if past_kv is not None:
+            k, v = past_kv.append(k, v)  # (B, heads, past + T, hd)
+        x = self.norm1(x + self.self_attn(x, k, v, mask, is_causal))
+        if self.cross_attn is not None:
+            x = self.norm2(x + self.cross_attn(x, *image_kv))
+        return self.norm3(x + self.mlp(x))
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position = nn.Embedding(cfg.max_positions, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+
+    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        B, T = input_ids.shape
+        if start + T > self.position.num_embeddings:
+            raise ValueError(f"text of {start + T} tokens is longer than the {self.position.num_embeddings} positions")
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        return self.norm(self.word(input_ids) + self.position(positions))  # (B, T, C)
+
+
+class LayerCache:
+    """Keys/values of the tokens one self-attention layer has already seen."""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, heads, T_past, hd)
+
+    def append(self, k, v):
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """What decoding keeps between steps: past self-attention keys/values per layer, and the
+    image's cross-attention keys/values per layer, computed once per image (not per beam)."""
+
+    def __init__(self, layers: list, image_kv: list):
+        self.layers = layers  # [LayerCache] * depth
+        self.image_kv = image_kv  # [(k, v)] * depth, each (B_images, heads, N, hd)
+
+    @property
+    def length(self) -> int:
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep sequences `index` (beam search). Image keys/values are per image and stay put."""
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[index], layer.v[index]
+
+
+class TextTransformer(nn.Module):
+    """Embeddings + layers. causal=False, cross=False is BLIP's unimodal text encoder;
+    causal=True, cross=True is the body of its caption decoder."""
+
+    def __init__(self, cfg: TextConfig, causal: bool, cross: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.causal = causal
+        self.embeddings = TextEmbeddings(cfg)
+        self.layers = nn.ModuleList(TextLayer(cfg, cross) for _ in range(cfg.depth))
+        self.grad_checkpointing = False
+
+    def new_cache(self, image_embeds: torch.Tensor) -> KVCache:
+        """An empty cache for decoding from `image_embeds` (B_images, N, C_image)."""
+        image_kv = [layer.cross_attn.keys_values(image_embeds) for layer in self.layers]
+        return KVCache([LayerCache() for _ in self.layers], image_kv)
+
+    def self_attention_mask(self, attention_mask, T: int, past: int):
+        """Returns (mask, is_causal) for SDPA. attention_mask: (B, past + T), 1 = token, 0 = pad."""
+        if attention_mask is None:
+            if not self.causal or T == 1:
+                return None, False  # a lone new token may see everything before it
+            if past == 0:
+                return None, True
+        L = past + T
+        device = self.embeddings.word.weight.device
+        keep = torch.ones(1, 1, T, L, dtype=torch.bool, device=device)
+        if self.causal:  # query i (absolute position past + i) sees keys 0 .. past + i
+            keep = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
+        if attention_mask is not None:
+            keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, L)
+        return keep, False
+
+    def forward(self, input_ids, attention_mask=None, image_embeds=None, cache=None) -> torch.Tensor:
+        """input_ids: (B, T); image_embeds: (B_images, N, C_image) -> hidden states (B, T, C)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embeddings(input_ids, start=past)
+        mask, is_causal = self.self_attention_mask(attention_mask, T, past)
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                image_kv, past_kv = cache.image_kv[i], cache.layers[i]
+            else:
+                image_kv = layer.cross_attn.keys_values(image_embeds) if layer.cross_attn else None
+                past_kv = None
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, is_causal, image_kv, past_kv, use_reentrant=False)
+            else:
+                x = layer(x, mask, is_causal, image_kv, past_kv)
+        return x
+
+
+class LMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> logits through the (tied) word-embedding matrix + a bias."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        x = self.norm(F.gelu(self.dense(x)))
+        return F.linear(x, word_embeddings, self.bias)  # (B, T, vocab)
+
+
+class TextDecoder(TextTransformer):
+    """The caption decoder: causal self-attention, cross-attention to the image, LM head."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg, causal=True, cross=True)
+        self.head = LMHead(cfg)
+        self.apply(_init_weights)
+
+    def forward(self, input_ids, attention_mask=None, image_embeds=None, cache=None) -> torch.Tensor:
+        """-> next-token logits (B, T, vocab): position t predicts token t + 1."""
+        x = super().forward(input_ids, attention_mask, image_embeds, cache)
+        return self.head(x, self.embeddings.word.weight)
+
+
+def _init_weights(module: nn.Module):
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,100 @@
+"""Shared fixtures: a WordPiece vocab trained here, and random HF reference models saved with
+`save_pretrained` (no downloads: the real BLIP weights are not reachable from tests)."""
+
+import random
+
+import pytest
+import torch
+
+from blip.tokenizer import Tokenizer
+
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
+THINGS = ["dog", "cat", "ball", "car", "house", "tree", "bird", "boat", "horse", "player", "football"]
+PLACES = ["on the beach", "in a field", "near a river", "under a tree", "on a street", "in the snow"]
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        f"a {rng.choice(COLORS)} {rng.choice(THINGS)} {rng.choice(['sitting', 'running', 'standing'])} "
+        f"{rng.choice(PLACES)}, with {rng.randint(2, 9)} {rng.choice(THINGS)}s!"
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory):
+    """vocab.txt (BERT format, no [DEC]/[ENC]) and the matching tokenizer.json."""
+    d = tmp_path_factory.mktemp("vocab")
+    tok = Tokenizer.train(corpus(), vocab_size=300)
+    vocab = tok._tok.get_vocab(with_added_tokens=False)
+    (d / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+    Tokenizer.from_file(d / "vocab.txt").save(d / "tokenizer.json")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_dir):
+    return Tokenizer.from_file(vocab_dir / "tokenizer.json")
+
+
+def hf_config(tokenizer, size: str = "tiny", image_size: int = 64):
+    from transformers import BlipConfig
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.dec_id, sep_token_id=tokenizer.sep_id,
+               pad_token_id=tokenizer.pad_id)
+    if size == "tiny":
+        text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, **ids)
+        vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=image_size, patch_size=16)
+    else:  # the hub's blip-image-captioning-base
+        text = dict(num_attention_heads=12, **ids)
+        vision = dict(image_size=384, patch_size=16)
+    return BlipConfig(text_config=text, vision_config=vision)
+
+
+def randomize(model, seed: int = 0):
+    """Give every parameter distinct random values (HF's init leaves LayerNorms at 1/0 and the ViT
+    near zero, which would make parity tests weak)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.05
+            p.copy_(1.0 + noise if "norm" in name.lower() and name.endswith("weight") else noise)
+    return model
+
+
+def make_hf_model(tokenizer, size="tiny", seed=0, image_size=64):
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return randomize(BlipForConditionalGeneration(hf_config(tokenizer, size, image_size)).eval(), seed)
+
+
+def save_hf_snapshot(model, tokenizer, vocab_dir, folder):
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tokenizer, vocab_dir, tmp_path_factory):
+    """(HF model, snapshot folder) of a random tiny BlipForConditionalGeneration."""
+    model = make_hf_model(tokenizer)
+    return model, save_hf_snapshot(model, tokenizer, vocab_dir, tmp_path_factory.mktemp("hf_tiny"))
+
+
+@pytest.fixture(scope="session")
+def ours_tiny(hf_tiny, tmp_path_factory):
+    """Our checkpoint folder converted from `hf_tiny` by convert_weights.py."""
+    import convert_weights
+
+    out = tmp_path_factory.mktemp("ours_tiny")
+    assert convert_weights.main([str(hf_tiny[1]), str(out)]) == 0
+    return out
+
+
+def captions_batch(tokenizer, texts, prompt=""):
+    ids, mask = tokenizer.batch([prompt + t for t in texts])
+    return ids, mask
