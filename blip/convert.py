@@ -19,40 +19,43 @@ from .config import BlipConfig, TextConfig, VisionConfig
 from .image import CLIP_MEAN, CLIP_STD
 from .tokenizer import Tokenizer, write_hf_files
 
-# HF name | original BLIP name | our name. {i} is a layer index, {p} is "weight" or "bias".
-# Our ViT uses timm's names, which are the original checkpoint's; the original text decoder
-# uses the names HF kept.
-V, T = "vision_model.", "text_decoder.bert."
+# HF name | original BLIP name (None: same as HF) | our name.
+# {i} is a layer index, {p} is "weight" or "bias". Our ViT uses timm's names, which are the
+# original checkpoint's; the original text decoder uses the names HF kept.
+V, VL = "vision_model.", "vision_model.encoder.layers.{i}."
+E, EB = "visual_encoder.", "visual_encoder.blocks.{i}."
+T, TL = "text_decoder.bert.", "text_decoder.bert.encoder.layer.{i}."
+D, DL = "text_decoder.", "text_decoder.layers.{i}."
 TABLE = [
-    (V + "embeddings.class_embedding", "visual_encoder.cls_token", "visual_encoder.cls_token"),
-    (V + "embeddings.position_embedding", "visual_encoder.pos_embed", "visual_encoder.pos_embed"),
-    (V + "embeddings.patch_embedding.{p}", "visual_encoder.patch_embed.proj.{p}", "visual_encoder.patch_embed.proj.{p}"),
-    (V + "encoder.layers.{i}.layer_norm1.{p}", "visual_encoder.blocks.{i}.norm1.{p}", "visual_encoder.blocks.{i}.norm1.{p}"),
-    (V + "encoder.layers.{i}.self_attn.qkv.{p}", "visual_encoder.blocks.{i}.attn.qkv.{p}", "visual_encoder.blocks.{i}.attn.qkv.{p}"),
-    (V + "encoder.layers.{i}.self_attn.projection.{p}", "visual_encoder.blocks.{i}.attn.proj.{p}", "visual_encoder.blocks.{i}.attn.proj.{p}"),
-    (V + "encoder.layers.{i}.layer_norm2.{p}", "visual_encoder.blocks.{i}.norm2.{p}", "visual_encoder.blocks.{i}.norm2.{p}"),
-    (V + "encoder.layers.{i}.mlp.fc1.{p}", "visual_encoder.blocks.{i}.mlp.fc1.{p}", "visual_encoder.blocks.{i}.mlp.fc1.{p}"),
-    (V + "encoder.layers.{i}.mlp.fc2.{p}", "visual_encoder.blocks.{i}.mlp.fc2.{p}", "visual_encoder.blocks.{i}.mlp.fc2.{p}"),
-    (V + "post_layernorm.{p}", "visual_encoder.norm.{p}", "visual_encoder.norm.{p}"),
-    (T + "embeddings.word_embeddings.weight", None, "text_decoder.embeddings.word.weight"),
-    (T + "embeddings.position_embeddings.weight", None, "text_decoder.embeddings.position.weight"),
-    (T + "embeddings.LayerNorm.{p}", None, "text_decoder.embeddings.norm.{p}"),
-    (T + "encoder.layer.{i}.attention.self.query.{p}", None, "text_decoder.layers.{i}.self_attn.query.{p}"),
-    (T + "encoder.layer.{i}.attention.self.key.{p}", None, "text_decoder.layers.{i}.self_attn.key.{p}"),
-    (T + "encoder.layer.{i}.attention.self.value.{p}", None, "text_decoder.layers.{i}.self_attn.value.{p}"),
-    (T + "encoder.layer.{i}.attention.output.dense.{p}", None, "text_decoder.layers.{i}.self_attn.out.{p}"),
-    (T + "encoder.layer.{i}.attention.output.LayerNorm.{p}", None, "text_decoder.layers.{i}.norm1.{p}"),
-    (T + "encoder.layer.{i}.crossattention.self.query.{p}", None, "text_decoder.layers.{i}.cross_attn.query.{p}"),
-    (T + "encoder.layer.{i}.crossattention.self.key.{p}", None, "text_decoder.layers.{i}.cross_attn.key.{p}"),
-    (T + "encoder.layer.{i}.crossattention.self.value.{p}", None, "text_decoder.layers.{i}.cross_attn.value.{p}"),
-    (T + "encoder.layer.{i}.crossattention.output.dense.{p}", None, "text_decoder.layers.{i}.cross_attn.out.{p}"),
-    (T + "encoder.layer.{i}.crossattention.output.LayerNorm.{p}", None, "text_decoder.layers.{i}.norm2.{p}"),
-    (T + "encoder.layer.{i}.intermediate.dense.{p}", None, "text_decoder.layers.{i}.mlp.fc1.{p}"),
-    (T + "encoder.layer.{i}.output.dense.{p}", None, "text_decoder.layers.{i}.mlp.fc2.{p}"),
-    (T + "encoder.layer.{i}.output.LayerNorm.{p}", None, "text_decoder.layers.{i}.norm3.{p}"),
-    ("text_decoder.cls.predictions.transform.dense.{p}", None, "text_decoder.head.dense.{p}"),
-    ("text_decoder.cls.predictions.transform.LayerNorm.{p}", None, "text_decoder.head.norm.{p}"),
-    ("text_decoder.cls.predictions.bias", None, "text_decoder.head.bias"),
+    (V + "embeddings.class_embedding", E + "cls_token", E + "cls_token"),
+    (V + "embeddings.position_embedding", E + "pos_embed", E + "pos_embed"),
+    (V + "embeddings.patch_embedding.{p}", E + "patch_embed.proj.{p}", E + "patch_embed.proj.{p}"),
+    (VL + "layer_norm1.{p}", EB + "norm1.{p}", EB + "norm1.{p}"),
+    (VL + "self_attn.qkv.{p}", EB + "attn.qkv.{p}", EB + "attn.qkv.{p}"),
+    (VL + "self_attn.projection.{p}", EB + "attn.proj.{p}", EB + "attn.proj.{p}"),
+    (VL + "layer_norm2.{p}", EB + "norm2.{p}", EB + "norm2.{p}"),
+    (VL + "mlp.fc1.{p}", EB + "mlp.fc1.{p}", EB + "mlp.fc1.{p}"),
+    (VL + "mlp.fc2.{p}", EB + "mlp.fc2.{p}", EB + "mlp.fc2.{p}"),
+    (V + "post_layernorm.{p}", E + "norm.{p}", E + "norm.{p}"),
+    (T + "embeddings.word_embeddings.weight", None, D + "embeddings.word.weight"),
+    (T + "embeddings.position_embeddings.weight", None, D + "embeddings.position.weight"),
+    (T + "embeddings.LayerNorm.{p}", None, D + "embeddings.norm.{p}"),
+    (TL + "attention.self.query.{p}", None, DL + "self_attn.query.{p}"),
+    (TL + "attention.self.key.{p}", None, DL + "self_attn.key.{p}"),
+    (TL + "attention.self.value.{p}", None, DL + "self_attn.value.{p}"),
+    (TL + "attention.output.dense.{p}", None, DL + "self_attn.out.{p}"),
+    (TL + "attention.output.LayerNorm.{p}", None, DL + "norm1.{p}"),
+    (TL + "crossattention.self.query.{p}", None, DL + "cross_attn.query.{p}"),
+    (TL + "crossattention.self.key.{p}", None, DL + "cross_attn.key.{p}"),
+    (TL + "crossattention.self.value.{p}", None, DL + "cross_attn.value.{p}"),
+    (TL + "crossattention.output.dense.{p}", None, DL + "cross_attn.out.{p}"),
+    (TL + "crossattention.output.LayerNorm.{p}", None, DL + "norm2.{p}"),
+    (TL + "intermediate.dense.{p}", None, DL + "mlp.fc1.{p}"),
+    (TL + "output.dense.{p}", None, DL + "mlp.fc2.{p}"),
+    (TL + "output.LayerNorm.{p}", None, DL + "norm3.{p}"),
+    ("text_decoder.cls.predictions.transform.dense.{p}", None, D + "head.dense.{p}"),
+    ("text_decoder.cls.predictions.transform.LayerNorm.{p}", None, D + "head.norm.{p}"),
+    ("text_decoder.cls.predictions.bias", None, D + "head.bias"),
 ]
 # the LM head's output layer is tied to the word embeddings; files may or may not store it
 TIED = {
@@ -244,9 +247,12 @@ def load_source(src: Path, tokenizer_path=None):
             raise CheckpointError(f"{src}: an original BLIP file holds no tokenizer; pass --tokenizer vocab.txt")
         raw = read_tensors(src)
         _need_decoder(raw, src)
-        config = config_from_original(raw, str(src))
         state = rename(raw, ORIGINAL, OURS, str(src))
         tokenizer = _tokenizer(tokenizer_path)
+        # no config in the file: sizes come from the tensors, special ids from the tokenizer
+        config = config_from_original(raw, str(src))
+        ids = dict(bos_token_id=tokenizer.dec_id, sep_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
+        config = replace(config, text=replace(config.text, **ids))
     else:
         raise CheckpointError(f"not found: {src}")
     t = config.text

@@ -43,10 +43,12 @@ def hf_config(tokenizer, size: str = "tiny", image_size: int = 64):
 
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.dec_id, sep_token_id=tokenizer.sep_id,
                pad_token_id=tokenizer.pad_id)
-    if size == "tiny":
-        text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    if size in ("tiny", "tiny-hd64"):
+        # tiny-hd64: 64-wide heads, like every released BLIP (original files do not record heads)
+        width, heads = (64, 4) if size == "tiny" else (128, 2)
+        text = dict(hidden_size=width, intermediate_size=256, num_hidden_layers=2, num_attention_heads=heads,
                     max_position_embeddings=64, **ids)
-        vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        vision = dict(hidden_size=width, intermediate_size=256, num_hidden_layers=2, num_attention_heads=heads,
                       image_size=image_size, patch_size=16)
     else:  # the hub's blip-image-captioning-base
         text = dict(num_attention_heads=12, **ids)

@@ -6,7 +6,6 @@ import torch
 from blip import BlipCaptioner
 from blip.config import tiny, with_tokenizer
 from blip.model import caption_labels
-
 from conftest import make_hf_model, save_hf_snapshot
 
 CAPTIONS = ["a red dog running on the beach", "a cat", "two blue boats near a river with 3 birds"]
@@ -126,5 +125,5 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     again = BlipCaptioner.from_pretrained(tmp_path)
     assert again.config == model.config
-    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)

@@ -5,7 +5,6 @@ import torch
 from transformers import BertTokenizerFast
 
 from blip.tokenizer import Tokenizer
-
 from conftest import corpus
 
 TEXTS = corpus(50, seed=1) + [
@@ -63,7 +62,7 @@ def test_caption_encoding_and_batch(tokenizer):
     assert ids.shape[1] == 6  # truncated to max_length
     assert (ids[:, 0] == tokenizer.dec_id).all()
     lengths = mask.sum(1)
-    for row, n in zip(ids, lengths):
+    for row, n in zip(ids, lengths, strict=True):
         assert row[n - 1] == tokenizer.sep_id  # truncation keeps the closing [SEP]
         assert (row[n:] == tokenizer.pad_id).all()
 

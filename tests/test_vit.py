@@ -9,7 +9,6 @@ from torch import nn
 
 from blip.config import VisionConfig
 from blip.vit import VisionTransformer
-
 from conftest import randomize
 
 

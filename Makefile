@@ -1,0 +1,27 @@
+# make install: .venv with runtime + test dependencies; make test: lint + the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint demo bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	@echo "make demo arrives with training (train.py): it will fine-tune a tiny BLIP on generated images and caption them."
+	@echo "Until then: convert real weights with convert_weights.py (see README.md)."
+
+bench: install
+	$(BIN)/python benchmarks/bench_model.py
