@@ -242,3 +242,18 @@ def test_cli_process_help_and_error():
     out = subprocess.run(cmd + ["no/such/folder/x", "out"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().startswith("error:")
+
+
+def test_presets_equal_hub_configs():
+    """Our base/large presets are what the hub configs of blip-image-captioning-base/-large describe."""
+    from transformers import BlipConfig as HFConfig
+
+    from blip.config import base, large
+    from blip.convert import config_from_hf
+
+    hub_base = HFConfig(text_config={"num_attention_heads": 12})
+    hub_large = HFConfig(text_config={"num_attention_heads": 12}, vision_config={
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16})
+    assert config_from_hf(hub_base.to_dict(), "base") == base()
+    assert config_from_hf(hub_large.to_dict(), "large") == large()
+    assert config_from_hf({"model_type": "blip"}, "defaults").text.heads == 8  # HF's class default, kept

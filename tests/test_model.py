@@ -45,6 +45,13 @@ def test_base_logits_match_hf(tokenizer, vocab_dir, tmp_path):
     assert (a - b).abs().max() <= 1e-4
 
 
+def test_base_preset_has_blip_base_size():
+    from blip.config import base
+
+    n_params = sum(p.numel() for p in BlipCaptioner(base()).parameters())
+    assert 223e6 < n_params < 225e6, n_params  # the base captioner: ~224 M parameters
+
+
 def test_loss_is_blip_loss(hf_tiny, ours_tiny, tokenizer):
     """Equals HF's loss once HF is given what original BLIP does: smoothing 0.1, pads and prompt
     ignored. Pads cannot change it; a [CLS]-first batch is refused."""
