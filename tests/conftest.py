@@ -16,7 +16,7 @@ PLACES = ["on the beach", "in a field", "near a river", "under a tree", "on a st
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [
-        f"a {rng.choice(COLORS)} {rng.choice(THINGS)} {rng.choice(['sitting', 'running', 'standing'])} "
+        f"a picture of a {rng.choice(COLORS)} {rng.choice(THINGS)} {rng.choice(['sitting', 'running', 'standing'])} "
         f"{rng.choice(PLACES)}, with {rng.randint(2, 9)} {rng.choice(THINGS)}s!"
         for _ in range(n)
     ]
@@ -100,3 +100,32 @@ def ours_tiny(hf_tiny, tmp_path_factory):
 def captions_batch(tokenizer, texts, prompt=""):
     ids, mask = tokenizer.batch([prompt + t for t in texts])
     return ids, mask
+
+
+def taught_images(n: int = 8, size: int = 64, seed: int = 7) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def hf_taught(tokenizer, vocab_dir, tmp_path_factory):
+    """(HF model, our converted folder): a tiny reference model taught one caption for each of
+    8 images for a few steps, so its captions differ by image and its beams disagree."""
+    import convert_weights
+
+    model = make_hf_model(tokenizer, seed=3)
+    images = taught_images()
+    ids, mask = tokenizer.batch(corpus(len(images), seed=5))
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(40):
+        loss = model(pixel_values=images, input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    snapshot = save_hf_snapshot(model, tokenizer, vocab_dir, tmp_path_factory.mktemp("hf_taught"))
+    ours = tmp_path_factory.mktemp("ours_taught")
+    assert convert_weights.main([str(snapshot), str(ours)]) == 0
+    return model, ours

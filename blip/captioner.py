@@ -1,0 +1,66 @@
+"""The Python API for captioning: a model, its tokenizer and its image size, on one device.
+
+    from blip.captioner import Captioner
+    captioner = Captioner.from_pretrained("checkpoints/blip-base")
+    captioner.caption(["dog.jpg", "cat.png"], num_beams=3)   # -> ["a dog on the beach", ...]
+"""
+
+from dataclasses import replace
+
+import torch
+
+from .checkpoint import load_model, load_tokenizer
+from .decoding import DecodeConfig, generate
+from .image import load_image, preprocess
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (bf16 is slow without AVX-512), bf16 on GPUs that have it, else fp16."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES[name]
+
+
+class Captioner:
+    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto") -> "Captioner":
+        device = pick_device(device)
+        return cls(load_model(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision.image_size
+
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        """A seeded random stream for sampling on this device (None: torch's global one)."""
+        return None if seed is None else torch.Generator(self.device).manual_seed(seed)
+
+    def caption(self, images, prompt: str = "", config: DecodeConfig | None = None,
+                generator: torch.Generator | None = None, seed: int | None = None, **options) -> list[str]:
+        """Caption PIL images or image paths (one batch); `options` are DecodeConfig fields.
+        The prompt conditions the caption but is not part of the returned text. For sampling,
+        pass a seed, or a generator to continue one random stream over several calls."""
+        config = replace(config or DecodeConfig(), **options)
+        if generator is None:
+            generator = self.generator(seed)
+        images = [im if hasattr(im, "mode") else load_image(im) for im in images]
+        pixels = preprocess(images, self.image_size).to(self.device, self.dtype)
+        ids = generate(self.model, pixels, self.tokenizer.encode_prompt(prompt), config, generator)
+        return [self.tokenizer.decode(i) for i in ids]

@@ -1,0 +1,164 @@
+"""Caption images with a BLIP checkpoint folder.
+
+    python caption.py photo.jpg
+    python caption.py holiday/ "scans/*.png" --format jsonl --output captions.jsonl
+    python caption.py photo.jpg --sample --top-p 0.9 --seed 0 --prompt "a picture of"
+"""
+
+import argparse
+import csv
+import glob
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from tqdm import tqdm
+
+from blip.captioner import Captioner
+from blip.checkpoint import CheckpointError
+from blip.decoding import DecodeConfig
+from blip.image import ImageError, load_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+DEFAULT_CHECKPOINT = "checkpoints/blip-base"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Caption images with BLIP. PATHs are image files, folders (searched recursively for "
+        f"{', '.join(sorted(IMAGE_SUFFIXES))}) or glob patterns.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="DIR",
+                   help=f"checkpoint folder written by convert_weights.py or train.py (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--beams", type=int, default=3, metavar="N", help="beam search width; 1 is greedy (default: 3)")
+    p.add_argument("--max-length", type=int, default=20, metavar="N",
+                   help="most new tokens per caption, the end token counting (HF's max_new_tokens; default: 20)")
+    p.add_argument("--min-length", type=int, default=5, metavar="N",
+                   help="fewest new tokens before the caption may end (HF's min_new_tokens; default: 5)")
+    p.add_argument("--prompt", default="a picture of ", metavar="TEXT",
+                   help="text the caption continues; left out of the output (default: 'a picture of ', "
+                   "as BLIP was trained; '' for none)")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
+    p.add_argument("--top-p", type=float, default=0.9, help="sampling: keep the fewest tokens whose probability "
+                   "adds up to P (default: 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep only the K most likely tokens "
+                   "(default: 0, off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling: logits are divided by this (default: 1)")
+    p.add_argument("--seed", type=int, help="sampling: random seed, for captions that repeat run to run")
+    p.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="R > 1 discourages repeated tokens (default: 1.1 when sampling, 1.0 otherwise, as BLIP)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default: auto, a GPU when there is one)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="weights and activations (default: auto, fp32 on CPU, bf16/fp16 on GPU)")
+    p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text",
+                   help="text: 'PATH: caption' lines; jsonl: {\"image\": PATH, \"caption\": TEXT} lines; "
+                   "csv: image,caption rows (default: text)")
+    p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.repetition_penalty is None:
+        args.repetition_penalty = 1.1 if args.sample else 1.0
+    beams = 1 if args.sample else args.beams
+    args.decode = DecodeConfig(
+        max_new_tokens=args.max_length, min_new_tokens=args.min_length, num_beams=beams, sample=args.sample,
+        top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+    )
+    try:
+        args.decode.validate()
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
+    """PATH arguments -> (image files, problems). A folder gives its images, sorted, recursively."""
+    files, problems = [], []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                problems.append(f"{arg}: no images in this folder")
+            files += found
+        elif path.exists():
+            files.append(path)
+        elif glob.has_magic(arg):
+            found = sorted(Path(f) for f in glob.glob(arg, recursive=True) if Path(f).is_file())
+            if not found:
+                problems.append(f"{arg}: no files match")
+            files += found
+        else:
+            problems.append(f"{arg}: no such file or folder")
+    return files, problems
+
+
+class Writer:
+    """Writes each caption as soon as it exists, so an interrupted run keeps what it did."""
+
+    def __init__(self, out, fmt: str):
+        self.out, self.fmt = out, fmt
+        if fmt == "csv":
+            self.csv = csv.writer(out)
+            self.csv.writerow(["image", "caption"])
+
+    def write(self, path: Path, caption: str):
+        if self.fmt == "jsonl":
+            self.out.write(json.dumps({"image": str(path), "caption": caption}, ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow([str(path), caption])
+        else:
+            self.out.write(f"{path}: {caption}\n")
+        self.out.flush()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    files, problems = expand(args.paths)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not files:
+        return 1
+    if not Path(args.checkpoint).is_dir():
+        print(f"error: no checkpoint folder at {args.checkpoint}; make one with "
+              f"`python convert_weights.py Salesforce/blip-image-captioning-base {args.checkpoint}` "
+              "(README: Real weights)", file=sys.stderr)
+        return 1
+    try:
+        captioner = Captioner.from_pretrained(args.checkpoint, args.device, args.dtype)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    failed = len(problems)
+    opened = open(args.output, "w", newline="", encoding="utf-8") if args.output else nullcontext(sys.stdout)
+    generator = captioner.generator(args.seed)  # one random stream for the whole run
+    with opened as out, tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as bar:
+        writer = Writer(out, args.format)
+        for start in range(0, len(files), args.batch_size):
+            batch = []
+            for path in files[start : start + args.batch_size]:
+                try:
+                    batch.append((path, load_image(path)))
+                except ImageError as e:
+                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    failed += 1
+                    bar.update(1)
+            if not batch:
+                continue
+            captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator)
+            for (path, _), caption in zip(batch, captions, strict=True):
+                writer.write(path, caption)
+            bar.update(len(batch))
+    if failed:
+        print(f"{failed} of {len(files) + len(problems)} inputs could not be captioned (named above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
