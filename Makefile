@@ -25,3 +25,4 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_caption.py
