@@ -7,27 +7,10 @@ rate this machine reaches on a GEMM of the same shape (the best any implementati
 """
 
 import argparse
-import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from blip import BlipCaptioner  # noqa: E402
-from blip.convert import HF, OURS, config_from_hf, rename  # noqa: E402
-
-
-def timeit(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from common import compare, same_weights
 
 
 def vision_flops(v) -> float:
@@ -41,7 +24,12 @@ def vision_flops(v) -> float:
 def matmul_rate(N: int, C: int, H: int, repeats: int) -> float:
     """FLOP/s of an (N, C) x (C, H) matmul, the shape of the ViT's MLP."""
     a, b = torch.randn(N, C), torch.randn(C, H)
-    return 2 * N * C * H / min(timeit(lambda: a @ b, 1) for _ in range(repeats * 4))
+    best = float("inf")
+    for _ in range(repeats * 4):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * N * C * H / best
 
 
 def main():
@@ -53,20 +41,8 @@ def main():
     p.add_argument("--tokens", type=int, default=20, help="caption tokens per image in the teacher-forced forward")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    from transformers import BlipConfig, BlipForConditionalGeneration
-
-    if args.size == "base":
-        hf_cfg = BlipConfig(text_config={"num_attention_heads": 12})
-    else:
-        hf_cfg = BlipConfig(text_config={"num_attention_heads": 12},
-                            vision_config={"hidden_size": 1024, "intermediate_size": 4096,
-                                           "num_hidden_layers": 24, "num_attention_heads": 16})
-    hf = BlipForConditionalGeneration(hf_cfg).eval()
-    config = config_from_hf(hf_cfg.to_dict(), "bench")
-    ours = BlipCaptioner(config).eval()
-    ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "bench"), strict=True)
+    hf, ours = same_weights(args.size)
+    config = ours.config
     v = config.vision
 
     one = torch.randn(1, 3, v.image_size, v.image_size)
@@ -75,24 +51,25 @@ def main():
     ids[:, 0] = config.text.bos_token_id
     mask = torch.ones_like(ids)
     mask[1:, args.tokens // 2:] = 0  # padded captions, as in training
+    def seconds(ours_fn, hf_fn):
+        return compare(ours_fn, hf_fn, args.repeats)[:2]
+
     with torch.inference_mode():
         image = ours.encode_image(pixels)
         rows = [
             ("vision forward, 1 image",
-             timeit(lambda: ours.encode_image(one), args.repeats),
-             timeit(lambda: hf.vision_model(pixel_values=one), args.repeats)),
+             *seconds(lambda: ours.encode_image(one), lambda: hf.vision_model(pixel_values=one))),
             (f"decoder forward, {args.batch} x {args.tokens} tokens (image tokens given)",
-             timeit(lambda: ours.text_decoder(ids, mask, image), args.repeats),
-             timeit(lambda: hf.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image),
-                    args.repeats)),
+             *seconds(lambda: ours.text_decoder(ids, mask, image),
+                      lambda: hf.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image))),
             (f"teacher-forced forward, {args.batch} images x {args.tokens} tokens",
-             timeit(lambda: ours(pixels, ids, mask), args.repeats),
-             timeit(lambda: hf(pixel_values=pixels, input_ids=ids, attention_mask=mask), args.repeats)),
+             *seconds(lambda: ours(pixels, ids, mask),
+                      lambda: hf(pixel_values=pixels, input_ids=ids, attention_mask=mask))),
         ]
     rate = matmul_rate(v.num_tokens, v.width, v.mlp_dim, args.repeats)
     floor = vision_flops(v) / rate
 
-    print(f"{args.size}, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}")
+    print(f"{args.size}, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}, calls alternated")
     print(f"{'':58s} {'ours':>8s} {'HF':>8s} {'HF/ours':>8s}")
     for name, a, b in rows:
         print(f"{name:58s} {a:7.3f}s {b:7.3f}s {b / a:7.2f}x")

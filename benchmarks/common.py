@@ -1,0 +1,47 @@
+"""What both benchmarks share: timing, and an HF model and ours holding the same random weights."""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from blip import BlipCaptioner  # noqa: E402
+from blip.convert import HF, OURS, config_from_hf, rename  # noqa: E402
+
+LARGE_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
+
+
+def compare(ours, theirs, repeats: int, device: torch.device | None = None):
+    """Median seconds of `ours()` and `theirs()`, calls alternated so that drift in the machine's
+    speed hits both alike; one warm-up call each. Returns (t_ours, t_theirs, out_ours, out_theirs)."""
+    cuda = device is not None and device.type == "cuda"
+    out = [ours(), theirs()]
+    times = [[], []]
+    for _ in range(repeats):
+        for i, fn in enumerate((ours, theirs)):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out[i] = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1]), out[0], out[1]
+
+
+def same_weights(size: str = "base"):
+    """(HF BlipForConditionalGeneration, our BlipCaptioner), random weights, identical values."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf_cfg = BlipConfig(text_config={"num_attention_heads": 12}, vision_config={} if size == "base" else LARGE_VISION)
+    hf = BlipForConditionalGeneration(hf_cfg).eval()
+    with torch.no_grad():  # HF initialises the ViT near zero; make image tokens differ by image
+        for p in hf.vision_model.parameters():
+            p.normal_(0, 0.02)
+    ours = BlipCaptioner(config_from_hf(hf_cfg.to_dict(), "benchmark")).eval()
+    ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "benchmark"), strict=True)
+    return hf, ours
