@@ -9,6 +9,7 @@ matrix is the word-embedding matrix (tied). Matches HF `BlipTextLMHeadModel` and
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import TextConfig
@@ -182,9 +183,10 @@ class TextTransformer(nn.Module):
                 return None, True
         L = past + T
         device = self.embeddings.word.weight.device
-        keep = torch.ones(1, 1, T, L, dtype=torch.bool, device=device)
+        keep = torch.ones(T, L, dtype=torch.bool, device=device)
         if self.causal:  # query i (absolute position past + i) sees keys 0 .. past + i
-            keep = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
+            keep = keep.tril(diagonal=past)
+        keep = keep[None, None]  # (1, 1, T, L)
         if attention_mask is not None:
             keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, L)
         return keep, False
