@@ -10,7 +10,7 @@ equal (fp32) so the comparison is of the same computation.
 import argparse
 
 import torch
-from common import compare, same_weights
+from common import add_common_args, compare, same_weights
 
 from blip.captioner import DTYPES
 from blip.decoding import DecodeConfig, generate
@@ -18,9 +18,7 @@ from blip.decoding import DecodeConfig, generate
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["base", "large"], default="base", help="model size (random weights)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CI machine has 2 cores)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    add_common_args(p, repeats=3)
     p.add_argument("--tokens", type=int, default=20, help="new tokens per caption")
     p.add_argument("--batch", type=int, default=8, help="images in the beam-search batch")
     p.add_argument("--beams", type=int, default=3, help="beam width of the batched measurement")

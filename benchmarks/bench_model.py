@@ -10,7 +10,7 @@ import argparse
 import time
 
 import torch
-from common import compare, same_weights
+from common import add_common_args, compare, same_weights
 
 
 def vision_flops(v) -> float:
@@ -34,9 +34,7 @@ def matmul_rate(N: int, C: int, H: int, repeats: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["base", "large"], default="base", help="model size to build (random weights)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the CI machine has 2 cores)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    add_common_args(p, repeats=5)
     p.add_argument("--batch", type=int, default=4, help="images per batch in the teacher-forced forward")
     p.add_argument("--tokens", type=int, default=20, help="caption tokens per image in the teacher-forced forward")
     args = p.parse_args()

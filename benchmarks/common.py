@@ -14,6 +14,13 @@ from blip.convert import HF, OURS, config_from_hf, rename  # noqa: E402
 LARGE_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
 
 
+def add_common_args(p, repeats: int):
+    """The flags both benchmarks take."""
+    p.add_argument("--size", choices=["base", "large"], default="base", help="model size to build (random weights)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CI machine has 2 cores)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed calls per measurement (median reported)")
+
+
 def compare(ours, theirs, repeats: int, device: torch.device | None = None):
     """Median seconds of `ours()` and `theirs()`, calls alternated so that drift in the machine's
     speed hits both alike; one warm-up call each. Returns (t_ours, t_theirs, out_ours, out_theirs)."""

@@ -16,6 +16,9 @@ from torchvision.transforms.v2 import functional as tvF
 # CLIP's normalisation statistics, which BLIP and HF's BlipImageProcessor use
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# rescale (1/255) and normalise fused into one step, as HF does (its float32 products)
+MEAN_255 = (torch.tensor(CLIP_MEAN) * 255).tolist()
+STD_255 = (torch.tensor(CLIP_STD) * 255).tolist()
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16/32-bit single-channel modes
 
 
@@ -62,10 +65,7 @@ def eval_transform(im: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> (3, size, size) float32, as HF BlipImageProcessor computes it."""
     x = torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
     x = tvF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    # rescale (1/255) and normalise fused into one step, as HF does
-    mean = torch.tensor(CLIP_MEAN) * 255
-    std = torch.tensor(CLIP_STD) * 255
-    return tvF.normalize(x.float(), mean.tolist(), std.tolist())
+    return tvF.normalize(x.float(), MEAN_255, STD_255)
 
 
 def preprocess(images, size: int) -> torch.Tensor:
