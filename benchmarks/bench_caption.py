@@ -1,6 +1,7 @@
 """Captioning speed, ours vs HF `generate`, same weights, same run, printed as ratios.
 
     python benchmarks/bench_caption.py [--size base] [--threads 2] [--repeats 3] [--device cpu] [--dtype fp32]
+                                       [--plain-linear]
 
 Exactly `--tokens` new tokens per caption (min = max), so both sides do the same work. Each
 measurement is the median of --repeats calls after a warm-up, ours and HF alternated; the ids of both sides are checked
@@ -10,7 +11,7 @@ equal (fp32) so the comparison is of the same computation.
 import argparse
 
 import torch
-from common import add_common_args, compare, same_weights
+from common import add_common_args, apply_common_args, compare, same_weights
 
 from blip.captioner import DTYPES
 from blip.decoding import DecodeConfig, generate
@@ -25,7 +26,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations of both sides")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    backend = apply_common_args(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     hf, ours = same_weights(args.size)
     hf, ours = hf.to(device, dtype), ours.to(device, dtype)
@@ -46,7 +47,7 @@ def main():
         same = ids == out[:, 1:].tolist()
         rows.append((name, t_ours, t_hf, same))
 
-    print(f"{args.size}, {args.device} {args.dtype}, {args.threads} threads, {args.tokens} new tokens, "
+    print(f"{args.size}, {args.device} {args.dtype}, {args.threads} threads, {args.tokens} new tokens, {backend}, "
           f"torch {torch.__version__}, median of {args.repeats}, calls alternated")
     print(f"{'':24s} {'ours':>8s} {'HF':>8s} {'HF/ours':>8s}  same ids")
     for name, a, b, same in rows:

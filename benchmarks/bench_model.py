@@ -1,16 +1,19 @@
 """Forward-pass speed, ours vs HF transformers, same weights, same run, printed as ratios.
 
-    python benchmarks/bench_model.py [--size base] [--threads 2] [--repeats 5]
+    python benchmarks/bench_model.py [--size base] [--threads 2] [--repeats 5] [--plain-linear]
 
 Also prints the base vision forward against its FLOP floor: its matmul FLOPs divided by the
-rate this machine reaches on a GEMM of the same shape (the best any implementation could do).
+fastest rate this machine reaches on a GEMM of the ViT's MLP shape (PyTorch's matmul or our packed
+linear), about the best any implementation could do.
 """
 
 import argparse
 import time
 
 import torch
-from common import add_common_args, compare, same_weights
+from common import add_common_args, apply_common_args, compare, same_weights
+
+from blip.linear import Linear
 
 
 def vision_flops(v) -> float:
@@ -22,13 +25,16 @@ def vision_flops(v) -> float:
 
 
 def matmul_rate(N: int, C: int, H: int, repeats: int) -> float:
-    """FLOP/s of an (N, C) x (C, H) matmul, the shape of the ViT's MLP."""
-    a, b = torch.randn(N, C), torch.randn(C, H)
+    """FLOP/s of an (N, C) x (C, H) product, the shape of the ViT's MLP: the faster of PyTorch's
+    plain matmul and our packed linear (blip/linear.py), so the floor is the best either reaches."""
+    x, layer = torch.randn(N, C), Linear(C, H)
     best = float("inf")
-    for _ in range(repeats * 4):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
+    with torch.inference_mode():
+        for fn in (lambda: x @ layer.weight.t(), lambda: layer(x)):
+            for _ in range(repeats * 4):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
     return 2 * N * C * H / best
 
 
@@ -38,7 +44,7 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="images per batch in the teacher-forced forward")
     p.add_argument("--tokens", type=int, default=20, help="caption tokens per image in the teacher-forced forward")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    backend = apply_common_args(args)
     hf, ours = same_weights(args.size)
     config = ours.config
     v = config.vision
@@ -67,7 +73,8 @@ def main():
     rate = matmul_rate(v.num_tokens, v.width, v.mlp_dim, args.repeats)
     floor = vision_flops(v) / rate
 
-    print(f"{args.size}, {args.threads} threads, torch {torch.__version__}, median of {args.repeats}, calls alternated")
+    print(f"{args.size}, {args.threads} threads, {backend}, torch {torch.__version__}, median of {args.repeats}, "
+          "calls alternated")
     print(f"{'':58s} {'ours':>8s} {'HF':>8s} {'HF/ours':>8s}")
     for name, a, b in rows:
         print(f"{name:58s} {a:7.3f}s {b:7.3f}s {b / a:7.2f}x")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from blip import BlipCaptioner  # noqa: E402
+from blip import BlipCaptioner, linear  # noqa: E402
 from blip.convert import HF, OURS, config_from_hf, rename  # noqa: E402
 
 LARGE_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
@@ -19,6 +19,16 @@ def add_common_args(p, repeats: int):
     p.add_argument("--size", choices=["base", "large"], default="base", help="model size to build (random weights)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CI machine has 2 cores)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed calls per measurement (median reported)")
+    p.add_argument("--plain-linear", action="store_true",
+                   help="run our linears as plain F.linear, without the packed oneDNN CPU path (blip/linear.py)")
+
+
+def apply_common_args(args):
+    """Thread count and linear backend, as the flags say."""
+    torch.set_num_threads(args.threads)
+    if args.plain_linear:
+        linear.ONEDNN = False
+    return "plain F.linear" if not linear.ONEDNN else "packed oneDNN linear"
 
 
 def compare(ours, theirs, repeats: int, device: torch.device | None = None):

@@ -13,30 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import TextConfig
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """F.linear, except for the few rows of a decoding step on CPU, computed as (W @ x^T)^T.
-
-    MKL runs x @ W^T with 1-4 rows as a single-threaded matrix-vector product that streams the
-    weights at about half the memory bandwidth its parallel matrix-matrix path reaches on W @ x^T
-    (which needs two rows or more, so one row is doubled). A decoding step is bound by reading
-    the weights, so greedy and one-image beam steps run 1.5-2.5x faster (benchmarks/
-    bench_caption.py). Same maths; the summation order may differ in the last bit.
-    """
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > 4:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, -1)
-    if rows == 1:
-        x2 = torch.cat([x2, x2])
-    y = ((weight @ x2.t()).t()[:rows] + bias).contiguous()  # (rows, out), row-major again
-    return y.reshape(*x.shape[:-1], -1)
-
-
-class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+from .linear import Linear, PackedWeight, linear
 
 
 class Attention(nn.Module):
@@ -218,10 +195,11 @@ class LMHead(nn.Module):
         self.dense = Linear(cfg.width, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.packed = PackedWeight()  # of the word-embedding matrix, for the CPU inference path
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
-        return linear(x, word_embeddings, self.bias)  # (B, T, vocab)
+        return linear(x, word_embeddings, self.bias, self.packed)  # (B, T, vocab)
 
 
 class TextDecoder(TextTransformer):

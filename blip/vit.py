@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import VisionConfig
+from .linear import Linear
 
 
 class PatchEmbed(nn.Module):
@@ -33,8 +34,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.qkv = Linear(cfg.width, 3 * cfg.width)
+        self.proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -47,8 +48,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as in BLIP and HF

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blip import BlipCaptioner
+from blip import BlipCaptioner, linear
 from blip.config import tiny, with_tokenizer
 from blip.model import caption_labels
 from conftest import make_hf_model, save_hf_snapshot
@@ -17,7 +17,9 @@ def batch(tokenizer, prompt="", size=64, n=3, seed=0):
     return pixels, ids, mask
 
 
-def test_tiny_logits_match_hf_with_padding(hf_tiny, ours_tiny, tokenizer):
+@pytest.mark.parametrize("onednn", [True, False], ids=["packed-linear", "f-linear"])
+def test_tiny_logits_match_hf_with_padding(hf_tiny, ours_tiny, tokenizer, onednn, monkeypatch):
+    monkeypatch.setattr(linear, "ONEDNN", onednn and linear.ONEDNN)
     hf, _ = hf_tiny
     ours = BlipCaptioner.from_pretrained(ours_tiny)
     pixels, ids, mask = batch(tokenizer)

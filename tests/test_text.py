@@ -1,23 +1,9 @@
-"""Pieces of the text transformer: the few-row linear path and the attention masks."""
+"""Pieces of the text transformer: the attention masks."""
 
-import pytest
 import torch
-import torch.nn.functional as F
 
 from blip.config import TextConfig
-from blip.text import TextTransformer, linear
-
-
-@pytest.mark.parametrize("shape", [(1, 64), (2, 1, 64), (3, 64), (4, 1, 64), (5, 64), (2, 7, 64)])
-def test_linear_equals_f_linear(shape):
-    torch.manual_seed(0)
-    x, w, b = torch.randn(shape), torch.randn(96, 64), torch.randn(96)
-    y = linear(x, w, b)
-    assert y.shape == (*shape[:-1], 96) and y.is_contiguous()
-    assert (y - F.linear(x, w, b)).abs().max() <= 1e-5
-    x.requires_grad_(True)
-    linear(x, w, b).sum().backward()  # the decoding path is differentiable too
-    assert torch.allclose(x.grad, w.sum(0).expand(shape), atol=1e-5)
+from blip.text import TextTransformer
 
 
 def test_self_attention_masks():

@@ -1,0 +1,62 @@
+"""The linear layer every projection in the model uses: `nn.Linear`, with a faster CPU path for inference.
+
+PyTorch's CPU `F.linear` runs fp32 on MKL. oneDNN (bundled with PyTorch; its compiler uses it for
+the same purpose) runs the same product on weights it has re-laid out once ("packed") for its
+kernels. On the AMD EPYC (AVX-512) machines this project is measured on, that is 2-4x faster, from
+the few rows of a decoding step to the 577-token rows of a ViT forward (`benchmarks/*.py
+--plain-linear` shows the difference). So when no gradient is being recorded, a fp32 CPU linear
+packs its weight on first use, keeps the packed copy (one more copy of the weights in memory) and
+repacks it whenever the weight changes. Everywhere else (training, CUDA, other dtypes) it is plain
+`F.linear`. Same maths; the summation order differs, so results agree with `F.linear` to fp32
+rounding, not bit for bit.
+"""
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# False turns the packed path off everywhere (benchmarks compare both); off where PyTorch lacks it
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedWeight:
+    """A weight matrix packed for oneDNN, repacked when the weight is replaced or changed in place."""
+
+    def __init__(self):
+        self.packed = None
+        self.key = None  # (weakref to the weight, its storage address, its version counter)
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        key = self.key
+        if key is None or key[0]() is not weight or key[1:] != (weight.data_ptr(), weight._version):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            self.key = (weakref.ref(weight), weight.data_ptr(), weight._version)
+        return self.packed
+
+    def __deepcopy__(self, memo):  # a packed tensor cannot be copied or pickled; the copy repacks
+        return PackedWeight()
+
+    def __getstate__(self):
+        return {"packed": None, "key": None}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
+    """x @ weight^T + bias, through `packed` when nothing needs gradients on a fp32 CPU tensor."""
+    params = (weight,) if bias is None else (weight, bias)
+    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    if ONEDNN and not recording and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, packed.of(weight), bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose forward is `linear` above."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self.packed = PackedWeight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)

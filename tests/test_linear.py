@@ -1,0 +1,82 @@
+"""blip/linear.py: the packed CPU inference path gives F.linear's result and follows weight changes."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip import linear as lin
+from blip.linear import Linear
+
+pytestmark = pytest.mark.skipif(not lin.ONEDNN, reason="this PyTorch has no oneDNN linear")
+
+
+def relative_error(y, ref):
+    return ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 1, 64), (24, 64), (2, 577, 64), (0, 64)])
+def test_packed_path_equals_f_linear(shape):
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.packed.packed is not None  # the packed path ran
+    assert y.shape == (*shape[:-1], 96) and y.is_contiguous()
+    if x.numel():
+        assert relative_error(y, F.linear(x, layer.weight, layer.bias)) <= 1e-6
+
+
+def test_strided_input_and_no_bias():
+    torch.manual_seed(0)
+    layer = Linear(64, 32, bias=False)
+    x = torch.randn(5, 3, 128)[..., ::2].transpose(0, 1)  # neither contiguous nor row-major
+    with torch.inference_mode():
+        y = layer(x)
+    assert relative_error(y, F.linear(x, layer.weight)) <= 1e-6
+
+
+def test_repacks_when_the_weight_changes():
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2)  # in place: the version counter moves
+        assert relative_error(layer(x), F.linear(x, layer.weight, layer.bias)) <= 1e-6
+        layer.weight.data = torch.randn(8, 16)  # new storage, same Parameter, version unchanged
+        assert relative_error(layer(x), F.linear(x, layer.weight, layer.bias)) <= 1e-6
+    layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    with torch.no_grad():
+        assert relative_error(layer(x), F.linear(x, layer.weight, layer.bias)) <= 1e-6
+
+
+def test_training_uses_autograd():
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.packed.packed is None  # gradients were recorded: plain F.linear
+    assert torch.allclose(x.grad, layer.weight.sum(0).expand(4, 16))
+    assert torch.allclose(layer.weight.grad, x.detach().sum(0).expand(8, 16))
+
+
+def test_copies_and_pickles_after_packing():
+    layer = Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        y = layer(x)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone.packed.packed is None
+            assert torch.equal(clone(x), y)
+
+
+def test_off_switch(monkeypatch):
+    monkeypatch.setattr(lin, "ONEDNN", False)
+    layer = Linear(16, 8)
+    with torch.no_grad():
+        y = layer(torch.ones(1, 16))
+    assert layer.packed.packed is None and torch.equal(y, F.linear(torch.ones(1, 16), layer.weight, layer.bias))
