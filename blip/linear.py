@@ -2,7 +2,7 @@
 
 PyTorch's CPU `F.linear` runs fp32 on MKL. oneDNN (bundled with PyTorch; its compiler uses it for
 the same purpose) runs the same product on weights it has re-laid out once ("packed") for its
-kernels. On the AMD EPYC (AVX-512) machines this project is measured on, that is 2-4x faster, from
+kernels. On the AMD EPYC (AVX-512) machines this project is measured on, that is 2-5x faster, from
 the few rows of a decoding step to the 577-token rows of a ViT forward (`benchmarks/*.py
 --plain-linear` shows the difference). So when no gradient is being recorded, a fp32 CPU linear
 packs its weight on first use, keeps the packed copy (one more copy of the weights in memory) and
