@@ -58,7 +58,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # no copy of an image already RGB (load_image's)
 
 
 def eval_transform(im: Image.Image, size: int) -> torch.Tensor:
