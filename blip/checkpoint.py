@@ -3,13 +3,18 @@
     config.json         BlipConfig as JSON (plus "architecture": "BlipCaptioner")
     model.safetensors   the weights, named as in BlipCaptioner.state_dict()
     tokenizer.json      the `tokenizers` file, [DEC]/[ENC] included
+    training.json       train.py's loop state (step, settings, ...), in its `last/` folder only
+    training.safetensors   ... and its tensors: optimizer moments, random-number streams
 
 Conversion from HF snapshots and original BLIP files lives in blip/convert.py.
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -17,6 +22,7 @@ from .config import BlipConfig
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+STATE, STATE_TENSORS = "training.json", "training.safetensors"
 ARCHITECTURE = "BlipCaptioner"
 
 
@@ -51,11 +57,13 @@ def read_config(folder) -> BlipConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(folder, map_location="cpu"):
+def load_model(folder, map_location="cpu", config: BlipConfig | None = None):
+    """The folder's model; `config` (default: the folder's own) may change what weights do not
+    fix, such as dropout."""
     from .model import BlipCaptioner
 
     folder = Path(folder)
-    config = read_config(folder)
+    config = config or read_config(folder)
     path = _need(folder, WEIGHTS)
     try:
         state = load_file(str(path), device=str(map_location))
@@ -98,3 +106,61 @@ def _need(folder: Path, name: str) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {name}: is it a checkpoint folder written by convert_weights.py?")
     return path
+
+
+# --- training state (train.py's OUT/last/) -------------------------------------------------------
+def save_training_state(folder, state: dict, tensors: dict[str, torch.Tensor]):
+    """`state` (JSON-able) to training.json, `tensors` to training.safetensors."""
+    folder = Path(folder)
+    (folder / STATE).write_text(json.dumps(state, indent=1) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
+
+
+def load_training_state(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    path = _need(folder, STATE)
+    try:
+        state = json.loads(path.read_text())
+        tensors = load_file(str(_need(folder, STATE_TENSORS)))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder}: cannot read the training state ({e})") from None
+    return state, tensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimizer's state dict as (JSON-able part, flat tensors named "optimizer.{param}.{key}")."""
+    sd = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    return {"param_groups": sd["param_groups"]}, tensors
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, groups: dict, tensors: dict[str, torch.Tensor]):
+    state = {}
+    for name, v in tensors.items():
+        if name.startswith("optimizer."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def replace_folder(new: Path, folder: Path):
+    """Make `new` (a finished folder) be `folder`. A kill at any moment leaves a whole `folder`
+    or a whole `folder`.old that `recover_folder` puts back."""
+    for f in new.iterdir():  # contents on disk before the folder is published
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = folder.with_name(folder.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_folder(folder: Path):
+    """Undo an interrupted `replace_folder`: bring back `folder`.old when `folder` is missing."""
+    old = folder.with_name(folder.name + ".old")
+    if old.is_dir() and not folder.exists():
+        os.replace(old, folder)

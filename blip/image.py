@@ -1,10 +1,17 @@
-"""Images: loading whatever a user has as RGB, and the transform BLIP's captioner expects.
+"""Images: loading whatever a user has as RGB, and the transforms BLIP's captioner expects.
 
 The eval transform is HF `BlipImageProcessor`'s, step for step (bicubic antialiased resize of the
 uint8 image to the model's square size, then rescale and normalise with CLIP's statistics in one
 fused step), so pixel values agree with it to float rounding.
+
+The train transform is BLIP's fine-tuning augmentation (configs/caption_coco.yaml): a random
+resized crop, a horizontal flip, and RandAugment restricted to ops that keep a caption true.
 """
 
+import io
+import random
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +33,15 @@ class ImageError(ValueError):
     """An image that cannot be read; the message names the file and the reason."""
 
 
-def load_image(path) -> Image.Image:
-    """Open an image file as an upright 8-bit RGB image.
+def load_image(path, data: bytes | None = None) -> Image.Image:
+    """Open an image file (or its bytes `data`, named `path` in errors) as an upright 8-bit RGB image.
 
     EXIF orientation is applied; animations give their first frame; transparency is composited
     onto white (as HF's processor does); 16-bit images are scaled to 8 bits, not clipped.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.seek(0)
             return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
@@ -71,3 +78,66 @@ def eval_transform(im: Image.Image, size: int) -> torch.Tensor:
 def preprocess(images, size: int) -> torch.Tensor:
     """PIL images -> (B, 3, size, size) pixel values."""
     return torch.stack([eval_transform(im, size) for im in images])
+
+
+# --- training ---------------------------------------------------------------------------------
+# BLIP's RandomAugment list, less its Identity (each op already applies with probability 0.5):
+# geometry and contrast, no op that changes hue (captions name colours: no Color, Invert,
+# Solarize, Posterize). At magnitude 5 timm's Brightness and Sharpness are the identity, as in BLIP.
+RAND_OPS = ["AutoContrast", "Brightness", "Sharpness", "Equalize", "ShearX", "ShearY",
+            "TranslateXRel", "TranslateYRel", "Rotate"]
+FLIP_WORDS = {"left": "right", "right": "left"}
+
+
+def flip_caption(caption: str) -> str:
+    """The caption of the mirrored picture: "left" and "right" trade places."""
+    return re.sub(r"\b(left|right)\b", lambda m: FLIP_WORDS[m.group(1)], caption)
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run a block on Python's, NumPy's and torch's global random streams seeded with `seed`
+    (timm and torchvision draw from them), then give the streams back as they were."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+
+class TrainTransform:
+    """(RGB image, caption, seed) -> ((3, size, size) pixels, caption), the same output for the
+    same seed, whatever process or worker runs it (resuming and multi-process training rely on it).
+
+    augment: "blip" = random resized crop (scale 0.5-1, bicubic), flip, RandAugment (2 ops,
+    magnitude 5); "flip" = flips only; "none" = the eval transform."""
+
+    def __init__(self, size: int, augment: str = "blip", magnitude: int = 5, scale: tuple[float, float] = (0.5, 1.0)):
+        from timm.data.auto_augment import RandAugment, rand_augment_ops
+        from torchvision.transforms import RandomResizedCrop
+
+        if augment not in ("blip", "flip", "none"):
+            raise ValueError(f"unknown augmentation {augment!r}")
+        self.size, self.augment = size, augment
+        self.crop = RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+        # BLIP translates by 5 pixels of 384 at magnitude 5: the same fraction at any image size
+        fill = tuple(round(m * 255) for m in CLIP_MEAN)
+        hparams = {"translate_pct": 2 * 5 / 384, "img_mean": fill}
+        self.rand_augment = RandAugment(rand_augment_ops(magnitude, hparams=hparams, transforms=RAND_OPS), num_layers=2)
+
+    def __call__(self, im: Image.Image, caption: str, seed: int) -> tuple[torch.Tensor, str]:
+        im = to_rgb(im)
+        if self.augment != "none":
+            with seeded(seed):
+                if self.augment == "blip":
+                    im = self.crop(im)
+                if random.random() < 0.5:
+                    im, caption = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flip_caption(caption)
+                if self.augment == "blip":
+                    im = self.rand_augment(im)
+        return eval_transform(im, self.size), caption

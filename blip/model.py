@@ -72,10 +72,11 @@ def caption_labels(input_ids, attention_mask, prompt_length: int, bos_token_id: 
     return labels
 
 
-def caption_loss(logits, labels, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Mean next-token cross-entropy over caption tokens: logits[:, t] predicts labels[:, t + 1]."""
+def caption_loss(logits, labels, label_smoothing: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over caption tokens (logits[:, t] predicts labels[:, t + 1]): their
+    mean, or with reduction="sum" their sum (train.py divides by the tokens of the whole batch)."""
     V = logits.shape[-1]
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE, label_smoothing=label_smoothing,
+        ignore_index=IGNORE, label_smoothing=label_smoothing, reduction=reduction,
     )

@@ -20,9 +20,10 @@ class Attention(nn.Module):
     """Multi-head attention. Self-attention when keys/values come from the same tokens as the
     queries; cross-attention when they come from the image tokens (`kv_width` = image width)."""
 
-    def __init__(self, width: int, kv_width: int, heads: int):
+    def __init__(self, width: int, kv_width: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.heads = heads
+        self.dropout = dropout  # on the attention probabilities, in training
         self.query = Linear(width, width)
         self.key = Linear(kv_width, width)
         self.value = Linear(kv_width, width)
@@ -47,7 +48,8 @@ class Attention(nn.Module):
         G = B // Bk
         q = self.split_heads(self.query(x))  # (B, heads, T, hd)
         q = q.view(Bk, G, H, T, hd).transpose(1, 2).reshape(Bk, H, G * T, hd)  # (Bk, heads, G*T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
         y = y.view(Bk, H, G, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 
@@ -63,27 +65,29 @@ class Mlp(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """Post-LN: x = norm1(x + self_attn(x)); x = norm2(x + cross_attn(x, image)); x = norm3(x + mlp(x))."""
+    """Post-LN: x = norm1(x + self_attn(x)); x = norm2(x + cross_attn(x, image)); x = norm3(x + mlp(x)).
+    In training, dropout acts on each branch's output before it is added (BERT's hidden dropout)."""
 
     def __init__(self, cfg: TextConfig, cross: bool):
         super().__init__()
-        self.self_attn = Attention(cfg.width, cfg.width, cfg.heads)
+        self.self_attn = Attention(cfg.width, cfg.width, cfg.heads, cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         # cross-attention is where the text reads the image
-        self.cross_attn = Attention(cfg.width, cfg.encoder_width, cfg.heads) if cross else None
+        self.cross_attn = Attention(cfg.width, cfg.encoder_width, cfg.heads, cfg.dropout) if cross else None
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps) if cross else None
         self.mlp = Mlp(cfg.width, cfg.mlp_dim)
         self.norm3 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask, is_causal, image_kv=None, past_kv=None):
         """x: (B, T, C). image_kv: this layer's image keys/values. past_kv: a KVCache slot or None."""
         k, v = self.self_attn.keys_values(x)  # (B, heads, T, hd)
         if past_kv is not None:
             k, v = past_kv.append(k, v)  # (B, heads, past + T, hd)
-        x = self.norm1(x + self.self_attn(x, k, v, mask, is_causal))
+        x = self.norm1(x + self.drop(self.self_attn(x, k, v, mask, is_causal)))
         if self.cross_attn is not None:
-            x = self.norm2(x + self.cross_attn(x, *image_kv))
-        return self.norm3(x + self.mlp(x))
+            x = self.norm2(x + self.drop(self.cross_attn(x, *image_kv)))
+        return self.norm3(x + self.drop(self.mlp(x)))
 
 
 class TextEmbeddings(nn.Module):
@@ -92,13 +96,14 @@ class TextEmbeddings(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position = nn.Embedding(cfg.max_positions, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         B, T = input_ids.shape
         if start + T > self.position.num_embeddings:
             raise ValueError(f"text of {start + T} tokens is longer than the {self.position.num_embeddings} positions")
         positions = torch.arange(start, start + T, device=input_ids.device)
-        return self.norm(self.word(input_ids) + self.position(positions))  # (B, T, C)
+        return self.drop(self.norm(self.word(input_ids) + self.position(positions)))  # (B, T, C)
 
 
 class LayerCache:

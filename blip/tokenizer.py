@@ -7,11 +7,12 @@ BLIP code does. Token ids equal `BertTokenizerFast` with the same two special to
 """
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as _Tokenizer
-from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -53,11 +54,30 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int = 1000) -> "Tokenizer":
-        """Learn a lower-cased WordPiece vocabulary from `texts` (for tiny models and tests)."""
-        tok = bert_wordpiece(WordPiece(unk_token="[UNK]"))
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL))
-        tok.post_processor = bert_template(tok)
-        return cls(tok)
+        """A lower-cased WordPiece vocabulary for `texts` (models trained from scratch, tests): BERT's
+        special tokens, every character seen (alone and as a "##" continuation, so any word can be
+        spelled), then the most frequent words (ties in alphabetical order), `vocab_size` in all.
+        Built here rather than with `tokenizers`' WordPieceTrainer, which breaks ties in hash-map
+        order and so can give another vocabulary on every run (tokenizers issue #1794): the same
+        captions must give the same tokenizer, or the same seed would not give the same model."""
+        tok = bert_wordpiece(WordPiece(unk_token="[UNK]"))  # BERT's normaliser and pre-tokeniser
+        counts = Counter()
+        for text in texts:
+            counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+        chars = sorted({c for word in counts for c in word})
+        vocab = BERT_SPECIAL + chars + ["##" + c for c in chars]
+        words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+        vocab += words[: max(0, vocab_size - len(vocab))]
+        return cls(bert_wordpiece(WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")))
+
+    @classmethod
+    def from_str(cls, text: str) -> "Tokenizer":
+        """A tokenizer from the contents of a tokenizer.json."""
+        return cls(_Tokenizer.from_str(text))
+
+    def to_str(self) -> str:
+        """The contents of its tokenizer.json."""
+        return self._tok.to_str()
 
     def save(self, path):
         self._tok.save(str(path))

@@ -80,7 +80,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.grad_checkpointing = False  # recompute blocks in backward to save memory (large models)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        with torch.no_grad():  # positions the model can read from the first step (learned from there on)
+            self.pos_embed[0, 1:] = sincos_2d(cfg.grid, cfg.width)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
@@ -99,6 +100,18 @@ class VisionTransformer(nn.Module):
             else:
                 x = block(x)
         return self.norm(x)
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) 2-D sine-cosine position codes (MAE, He et al. 2022): half of the
+    channels encode the row, half the column, each as sines and cosines of several frequencies."""
+    quarter = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (width/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    angles = [pos.reshape(-1, 1) * freq for pos in (rows, cols)]  # 2 x (grid*grid, width/4)
+    codes = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (grid*grid, 4*quarter)
+    return nn.functional.pad(codes, (0, width - 4 * quarter)).float()
 
 
 def _init_weights(module: nn.Module):

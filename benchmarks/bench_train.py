@@ -1,0 +1,151 @@
+"""Training-step speed and peak memory, ours vs HF `BlipForConditionalGeneration`, same weights, same optimizer.
+
+    python benchmarks/bench_train.py [--size base] [--batch 4] [--threads 2] [--repeats 5] [--amp fp32 bf16]
+                                     [--device cpu]
+
+One step = forward, BLIP's captioning loss, backward, AdamW step (lr 1e-5, weight decay 0.05, the same
+optimizer class and flags on both sides), full fine-tune. Ours runs the step the way train.py does
+(loss summed over caption tokens, divided by their count); HF runs it the obvious way
+(`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
+sides alternated in one process. Peak memory: each side alone in a child process (peak RSS, or peak
+CUDA allocation on a GPU), after two steps, so that weights, gradients and AdamW moments are counted.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from common import add_common_args, apply_common_args, compare, same_weights
+
+from blip.model import caption_labels, caption_loss
+
+HERE = Path(__file__).resolve()
+
+
+def make_batch(batch: int, size: int, vocab: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    ids = torch.randint(1000, vocab - 2, (batch, 24), generator=g)
+    ids[:, 0] = 30522  # [DEC]
+    ids[:, -1] = 102  # [SEP]
+    mask = torch.ones_like(ids)
+    mask[1:, 18:] = 0  # some captions are shorter: padded
+    return pixels.to(device), ids.to(device), mask.to(device)
+
+
+def steppers(hf, ours, batch, amp: str, device):
+    """(our step, HF's step): each one full training step on the same batch."""
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
+    pixels, ids, mask = batch
+    labels = caption_labels(ids, mask, 3, 30522)  # "a picture of" is not a target
+    n_tokens = (labels[:, 1:] != -100).sum()
+    if hf is not None:  # HF shifts labels itself; smoothing as BLIP
+        hf.text_decoder.label_smoothing = 0.1
+
+    def optimizer(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+
+    opt_ours = optimizer(ours) if ours is not None else None
+    opt_hf = optimizer(hf) if hf is not None else None
+
+    def ours_step():
+        with autocast():
+            loss = caption_loss(ours(pixels, ids, mask), labels, 0.1, "sum") / n_tokens
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def hf_step():
+        with autocast():
+            loss = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return ours_step, hf_step
+
+
+def child(args):
+    """Build one side alone, take two steps, print its peak memory as JSON."""
+    device = torch.device(args.device)
+    hf, ours = same_weights(args.size)
+    hf, ours = (hf, None) if args.child == "hf" else (None, ours)
+    model = (hf or ours).to(device).train()
+    batch = make_batch(args.batch, 384, 30524, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ours_step, hf_step = steppers(hf, ours, batch, args.amp_one, device)
+    step = hf_step if args.child == "hf" else ours_step
+    step()
+    step()
+    del model
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def peak_of(side: str, amp: str, args) -> float:
+    cmd = [sys.executable, str(HERE), "--child", side, "--amp-one", amp, "--size", args.size,
+           "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
+    if args.plain_linear:
+        cmd.append("--plain-linear")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**30
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, repeats=5)
+    p.add_argument("--batch", type=int, default=4, help="images per step")
+    p.add_argument("--amp", nargs="+", default=None, choices=["fp32", "bf16"],
+                   help="precisions to measure (default: fp32, and bf16 autocast where the CPU or GPU has bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    backend = apply_common_args(args)
+    if args.child:
+        return child(args)
+    device = torch.device(args.device)
+    has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    amps = args.amp or (["fp32", "bf16"] if has_bf16 else ["fp32"])
+
+    hf, ours = same_weights(args.size)
+    hf, ours = hf.to(device).train(), ours.to(device).train()
+    batch = make_batch(args.batch, 384, 30524, device)
+    rows = []
+    for amp in amps:
+        ours_step, hf_step = steppers(hf, ours, batch, amp, device)
+        t_ours, t_hf, l_ours, l_hf = compare(ours_step, hf_step, args.repeats, device)
+        mem = (None, None) if args.no_memory else (peak_of("ours", amp, args), peak_of("hf", amp, args))
+        rows.append((amp, t_ours, t_hf, mem, l_ours, l_hf))
+
+    print(f"{args.size} train step, batch {args.batch}, {args.device}, {args.threads} threads, {backend}, "
+          f"torch {torch.__version__}, median of {args.repeats} steps, ours and HF alternated")
+    print(f"{'':6s} {'ours':>8s} {'HF':>8s} {'HF/ours':>8s} | {'peak ours':>10s} {'peak HF':>9s} {'ours/HF':>8s}")
+    for amp, a, b, (ma, mb), la, lb in rows:
+        mem = f"{ma:9.2f}G {mb:8.2f}G {ma / mb:7.2f}x" if ma else "(not measured)"
+        print(f"{amp:6s} {a:7.3f}s {b:7.3f}s {b / a:7.2f}x | {mem}   images/s: ours {args.batch / a:.2f}, "
+              f"HF {args.batch / b:.2f}; last loss: ours {la:.4f}, HF {lb:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""Fine-tune BLIP's captioner on a folder of captioned images, or train one from scratch.
+
+    python train.py --data ./football                                # from checkpoints/blip-base
+    python train.py --data data/shapes --init scratch --preset tiny --epochs 40
+    python train.py --data ./football --out runs/football --resume   # after a crash or a kill
+    torchrun --nproc_per_node 4 train.py --data ./coco               # several GPUs (or CPU processes)
+
+One flat script, top to bottom: arguments, processes, data (checked whole before anything is
+written), model and tokenizer, optimizer and schedule, resume, evaluation, the loop. OUT/last/ and
+OUT/best/ are checkpoint folders that caption.py --checkpoint takes as they are; OUT/last/ also
+holds the loop state that --resume continues from. OUT/metrics.jsonl has a line per log and per
+evaluation, OUT/report.html shows them.
+
+--batch-size is the number of (image, caption) pairs of one optimizer step, however many processes
+(torchrun) and micro-batches (--grad-accum) it is split into: the loss is the mean over the caption
+tokens of the whole batch, so splitting changes memory and speed, not the result.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from blip import config as presets
+from blip.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    load_training_state,
+    optimizer_tensors,
+    read_config,
+    recover_folder,
+    replace_folder,
+    restore_optimizer,
+    save_model,
+    save_training_state,
+)
+from blip.data import Collate, DataError, EvalSet, TrainSet, check_images, clean_caption, epoch_order, read_splits
+from blip.decoding import DecodeConfig, generate
+from blip.metrics import caption_scores
+from blip.model import BlipCaptioner, caption_labels, caption_loss
+from blip.report import thumbnail, write_report
+from blip.tokenizer import Tokenizer
+
+DEFAULT_INIT = "checkpoints/blip-base"
+# defaults that depend on where the weights come from: BLIP's fine-tuning recipe for pretrained
+# weights; for random weights, what the shapes demo measured (README: Fine-tuning, From scratch):
+# a ViT trained at the decoder's rate, or on cropped pictures, learns colour and place but not shape
+RECIPE = {
+    "pretrained": {"lr": 1e-5, "vision_lr_scale": 1.0, "augment": "blip"},
+    "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip"},
+}
+MAX_TOKENS = 40  # caption tokens kept in training ([DEC] + prompt + 30 words, as word pieces)
+GALLERY = 8  # validation images shown per evaluation in report.html
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--data", metavar="DIR", help="data folder: metadata.jsonl/csv, COCO .json, parquet snapshot or .txt sidecars;\n"
+      "train/ and val/ sub-folders are the splits when present")
+    a("--out", metavar="DIR", help="where checkpoints, metrics.jsonl and report.html go (default: runs/<data name>)")
+    a("--init", default=DEFAULT_INIT, metavar="DIR",
+      help=f"checkpoint folder to fine-tune (default: {DEFAULT_INIT}), or 'scratch' for random weights")
+    a("--preset", choices=list(presets.PRESETS), default="tiny", help="model size with --init scratch (default: tiny)")
+    a("--tokenizer", metavar="FILE", help="with --init scratch: tokenizer.json or vocab.txt; default: a WordPiece\n"
+      "vocabulary trained on the data's captions")
+    a("--vocab-size", type=int, default=1000, help="size of that trained vocabulary (default: 1000)")
+    a("--epochs", type=int, default=5, help="passes over the training captions (default: 5, as BLIP on COCO)")
+    a("--max-steps", type=int, help="stop after this many optimizer steps (the schedule ends there too)")
+    a("--batch-size", type=int, default=32, help="(image, caption) pairs per optimizer step, all processes\n"
+      "together (default: 32)")
+    a("--grad-accum", type=int, default=1, help="split each batch into this many micro-batches, to save memory")
+    a("--lr", type=float, help=f"peak learning rate (default: {RECIPE['pretrained']['lr']:g} fine-tuning, "
+      f"{RECIPE['scratch']['lr']:g} from scratch)")
+    a("--vision-lr-scale", type=float, help="the ViT learns at lr times this (default: 1 fine-tuning, 0.1 from "
+      "scratch)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, embeddings "
+      "(default: 0.05)")
+    a("--warmup", type=float, default=0.05, help="fraction of the steps with a linear warm-up; cosine decay to 0\n"
+      "after it (default: 0.05)")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default: 1.0)")
+    a("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: 0.1, as BLIP)")
+    a("--dropout", type=float, default=0.0, help="text dropout (default: 0, as HF's checkpoints; the original\n"
+      "BLIP trained with 0.1)")
+    a("--prompt", default="a picture of ", help="text every caption starts with; not a target of the loss\n"
+      "(default: 'a picture of ')")
+    a("--augment", choices=["blip", "flip", "none"],
+      help="blip: random resized crop, flip, RandAugment (default fine-tuning); flip: flips only\n"
+      "(default from scratch); none")
+    a("--freeze-vision", action="store_true", help="train the text decoder only; the ViT stays as loaded")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
+    a("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+      help="mixed precision; auto: bf16 on CUDA GPUs that have it, else fp16 with a\n"
+      "gradient scaler; off (fp32) on CPU, where bf16 autocast was slower (README)")
+    a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    a("--workers", type=int, help="data-loading processes (default: 0 on CPU, 6 on CUDA)")
+    a("--seed", type=int, default=0, help="seed for initialisation, data order, augmentation and the split")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    a("--val-fraction", type=float, default=0.1, help="without a val/ split: fraction of images held out "
+      "(default: 0.1)")
+    a("--eval-every", type=int, default=0, help="evaluate every N steps (default: 0, at the end of every epoch)")
+    a("--save-every", type=int, default=0, help="write OUT/last/ every N steps (default: 0, with every evaluation)")
+    a("--log-every", type=int, default=10, help="write a metrics line every N steps (default: 10)")
+    a("--num-beams", type=int, default=3, help="beam width of the evaluation captions (default: 3)")
+    a("--resume", action="store_true", help="continue the run in --out from OUT/last/ with its saved settings;\n"
+      "flags given now override them")
+    a("--skip-bad", action="store_true", help="train on the good rows when some are bad, instead of stopping")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved settings become the defaults; flags on the command line still win
+        if args.out is None:
+            p.error("--resume needs --out, the folder of the run to continue")
+        try:
+            saved, _ = load_training_state(recover_and_path(Path(args.out)))
+        except CheckpointError as e:
+            p.error(f"nothing to resume in {args.out}: {e}")
+        p.set_defaults(**saved["args"])
+        args = p.parse_args(argv)
+        args.resume = True
+    if args.data is None:
+        p.error("--data is required")
+    for name, value in RECIPE["scratch" if args.init == "scratch" else "pretrained"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        args.out = str(Path("runs") / Path(args.data).resolve().name)
+    for name in ("epochs", "batch_size", "grad_accum", "num_beams", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error("--max-steps must be at least 1")
+    if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.dropout < 1:
+        p.error("--warmup, --label-smoothing and --dropout must be in [0, 1)")
+    return args
+
+
+def recover_and_path(out: Path) -> Path:
+    recover_folder(out / "last")
+    return out / "last"
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up over the first
+    `warmup` fraction of the steps, then cosine decay to 0."""
+    warm = math.ceil(warmup * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only (not on norms, biases, embeddings, class
+    token, positions); the ViT's learning rate is the decoder's times `vision_lr_scale`."""
+    groups = {(vision, decay): [] for vision in (True, False) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        embedding = "embeddings." in name or name.endswith(("pos_embed", "cls_token"))
+        groups[name.startswith("visual_encoder."), p.dim() >= 2 and not embedding].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": vision_lr_scale if vision else 1.0}
+            for (vision, decay), params in groups.items() if params]
+
+
+def split_batch(items: list, parts: int) -> list[list]:
+    """Cut a batch into `parts` contiguous pieces whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def say(message: str):
+    tqdm.write(message, file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+
+    # --- processes -------------------------------------------------------------------------------
+    distributed = "RANK" in os.environ  # started by torchrun
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda was asked for, but no CUDA GPU is available", file=sys.stderr)
+        return 1
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    master = rank == 0
+    log = say if master else (lambda _: None)
+
+    def fail(message: str) -> int:
+        log(f"error: {message}")
+        if distributed:
+            dist.destroy_process_group()
+        return 1
+
+    # --- data: read and check everything before anything is written --------------------------------
+    if (out / "last").exists() and not args.resume:
+        return fail(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    try:
+        train_split, val_split = read_splits(args.data, args.val_fraction, args.seed)
+    except DataError as e:
+        return fail(str(e))
+    n_images = len(train_split.rows) + len(val_split.rows)
+    with tqdm(total=n_images, desc="checking images", unit="image", disable=not master or n_images < 100,
+              file=sys.stderr) as bar:
+        train_split, val_split = check_images(train_split, bar), check_images(val_split, bar)
+    problems = train_split.problems + val_split.problems
+    if problems:
+        for problem in problems:
+            log(f"bad row: {problem}")
+        if not args.skip_bad:
+            return fail(f"{len(problems)} bad row(s) in {args.data} (listed above); fix them, or pass --skip-bad "
+                        "to train on the rest")
+        log(f"--skip-bad: dropped {len(problems)} bad row(s), training on the rest")
+    if not train_split.rows or not val_split.rows:
+        return fail(f"{args.data}: need at least one training and one validation image, "
+                    f"have {len(train_split.rows)} and {len(val_split.rows)}")
+
+    # --- tokenizer and model -----------------------------------------------------------------------
+    last = out / "last"
+    try:
+        if args.resume:
+            tokenizer = load_tokenizer(last)
+            config = read_config(last)
+            init = last
+        elif args.init == "scratch":
+            if args.tokenizer:
+                tokenizer = Tokenizer.from_file(args.tokenizer)
+            else:  # trained once, on rank 0, and shared, so every process has the same vocabulary
+                texts = [args.prompt] + [clean_caption(c) for r in train_split.rows for c in r.captions]
+                blob = [Tokenizer.train(texts, args.vocab_size).to_str() if master else None]
+                if distributed:
+                    dist.broadcast_object_list(blob, src=0)
+                tokenizer = Tokenizer.from_str(blob[0])
+            config = presets.with_tokenizer(presets.PRESETS[args.preset](), tokenizer)
+            init = None
+        else:
+            if not Path(args.init).is_dir():
+                return fail(f"no checkpoint folder at {args.init}; make one with `python convert_weights.py "
+                            f"Salesforce/blip-image-captioning-base {args.init}` (README: Real weights), "
+                            "or train from random weights with --init scratch")
+            tokenizer = load_tokenizer(args.init)
+            config = read_config(args.init)
+            init = Path(args.init)
+    except (CheckpointError, ValueError, OSError) as e:
+        return fail(str(e))
+    config = replace(config, text=replace(config.text, dropout=args.dropout),
+                     label_smoothing=args.label_smoothing, prompt=args.prompt)
+    torch.manual_seed(args.seed)
+    model = BlipCaptioner(config) if init is None else load_model(init, config=config)
+    model.to(device).train()
+    if args.freeze_vision:
+        model.visual_encoder.requires_grad_(False)
+    model.visual_encoder.grad_checkpointing = model.text_decoder.grad_checkpointing = args.grad_checkpointing
+    prompt_length = len(tokenizer.tokens(args.prompt))
+    size = config.vision.image_size
+
+    # --- batches: the epoch order and every augmentation are fixed by the seed ----------------------
+    train_set = TrainSet(train_split.rows, size, args.prompt, args.augment)
+    val_set = EvalSet(val_split.rows, size, args.prompt)
+    batch = min(args.batch_size, len(train_set))
+    if batch < args.grad_accum * world:
+        return fail(f"a batch of {batch} pairs cannot be split into {args.grad_accum} micro-batches on {world} "
+                    "process(es)")
+    steps_per_epoch = len(train_set) // batch
+    total = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
+    collate = Collate(tokenizer, MAX_TOKENS)
+    workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
+
+    def batches_from(step: int):
+        """This process's micro-batches from optimizer step `step` on: lists of (pair, seed)."""
+        epoch = step // steps_per_epoch
+        while True:
+            order = epoch_order(len(train_set), epoch, args.seed)
+            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
+                for micro in split_batch(order[b * batch : (b + 1) * batch], args.grad_accum):
+                    yield split_batch(micro, world)[rank]
+            epoch, step = epoch + 1, (epoch + 1) * steps_per_epoch
+
+    # --- optimizer, schedule, precision --------------------------------------------------------------
+    peak_lr = args.lr
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.vision_lr_scale), lr=peak_lr,
+                                  betas=(0.9, 0.999), fused=device.type == "cuda")
+    amp = args.amp
+    if amp == "auto":
+        amp = "off" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    # --- resume -------------------------------------------------------------------------------------
+    step, best = 0, None
+    if args.resume:
+        state, tensors = load_training_state(last)
+        restore_optimizer(optimizer, state["optimizer"], tensors)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        if rank:  # dropout streams differ between processes
+            torch.manual_seed(args.seed * 1000 + rank + state["step"])
+        step, best = state["step"], state["best_cider"]
+        log(f"resuming {out} at step {step} of {total}")
+    elif rank:
+        torch.manual_seed(args.seed * 1000 + rank)
+    ddp = model
+    if args.compile:
+        ddp = torch.compile(ddp)
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(ddp, device_ids=ids)
+
+    # --- output ---------------------------------------------------------------------------------------
+    records = []
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.jsonl"
+        if args.resume and metrics_path.exists():  # lines written after the saved step did not happen
+            records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            records = [r for r in records if r["step"] <= step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        gallery = [thumbnail(row.load()) for row in val_split.rows[:GALLERY]]
+
+    def record(entry: dict):
+        records.append(entry)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def save(folder: Path, with_state: bool):
+        """Write a checkpoint folder next to `folder`, then swap it in whole."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model(model, tmp, tokenizer)
+        if with_state:
+            groups, tensors = optimizer_tensors(optimizer)
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            state = {"step": step, "best_cider": best, "optimizer": groups, "scaler": scaler.state_dict(),
+                     "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+            save_training_state(tmp, state, tensors)
+        replace_folder(tmp, folder)
+
+    # --- evaluation (rank 0) --------------------------------------------------------------------------
+    eval_decode = DecodeConfig(num_beams=args.num_beams, max_new_tokens=max(1, 20 - 1 - prompt_length),
+                               min_new_tokens=max(0, 5 - 1 - prompt_length))  # BLIP's 20 / 5, [DEC] and prompt counted
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        loader = torch.utils.data.DataLoader(val_set, batch_size=batch, collate_fn=collate, num_workers=workers,
+                                             generator=torch.Generator())  # leaves the global stream alone
+        loss_sum, n_tokens, predictions = 0.0, 0, []
+        prompt_ids = tokenizer.encode_prompt(args.prompt)
+        for pixels, ids, mask in loader:
+            pixels, ids, mask = pixels.to(device), ids.to(device), mask.to(device)
+            with autocast():
+                labels = caption_labels(ids, mask, prompt_length, config.text.bos_token_id)
+                loss_sum += caption_loss(model(pixels, ids, mask), labels, 0.0, "sum").item()
+                n_tokens += int((labels[:, 1:] != -100).sum())
+                new = generate(model, pixels, prompt_ids, eval_decode)
+            predictions += [tokenizer.decode(i) for i in new]
+        model.train()
+        references = [row.captions for row in val_split.rows]
+        scores = caption_scores(predictions, references)
+        shown = [{"prediction": p, "references": r} for p, r in zip(predictions[:GALLERY], references, strict=False)]
+        return {"val_loss": loss_sum / max(1, n_tokens), **scores, "gallery": shown}
+
+    # --- the loop --------------------------------------------------------------------------------------
+    log(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {device} ({amp}), "
+        f"{len(train_set)} pairs from {len(train_split.rows)} images, {len(val_split.rows)} held out; "
+        f"{total} steps of {batch} pairs, lr {peak_lr:g} (ViT x{args.vision_lr_scale:g}), augment {args.augment}; "
+        f"writing to {out}")
+    eval_every = args.eval_every or steps_per_epoch
+    save_every = args.save_every or eval_every
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches_from(step), collate_fn=collate,
+                                              num_workers=workers, pin_memory=device.type == "cuda",
+                                              generator=torch.Generator()))  # the global stream is dropout's
+    if master and not args.resume:  # where training starts from: the "before" of every curve
+        result = evaluate()
+        best = result["cider"]
+        record({"type": "eval", "step": 0, "epoch": 0, **result})
+        log(f"before training: val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, "
+            f"CIDEr-D {result['cider']:.3f}, exact {result['exact']:.1%}")
+        save(out / "best", with_state=False)
+    if distributed and not args.resume:
+        dist.barrier()
+    bar = tqdm(total=total, initial=step, unit="step", disable=not master, file=sys.stderr, dynamic_ncols=True)
+    t0, paused, images_seen, loss_window = time.perf_counter(), 0.0, 0, []
+    try:
+        while step < total:
+            lr = lr_at(step, total, peak_lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            micro = [next(loader) for _ in range(args.grad_accum)]
+            labels = [caption_labels(ids, mask, prompt_length, config.text.bos_token_id) for _, ids, mask in micro]
+            # the mean over every caption token of the whole batch, whichever process holds it
+            n_tokens = torch.tensor(float(sum(int((lab[:, 1:] != -100).sum()) for lab in labels)), device=device)
+            if distributed:
+                dist.all_reduce(n_tokens)
+            loss_sum = 0.0
+            for i, ((pixels, ids, mask), lab) in enumerate(zip(micro, labels, strict=True)):
+                pixels, ids, mask, lab = (t.to(device, non_blocking=True) for t in (pixels, ids, mask, lab))
+                sync = ddp.no_sync() if distributed and i < len(micro) - 1 else nullcontext()
+                with sync, autocast():
+                    loss = caption_loss(ddp(pixels, ids, mask), lab, args.label_smoothing, "sum")
+                scaler.scale(loss * world / n_tokens).backward()
+                loss_sum += loss.item()
+                images_seen += len(pixels) * world
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_window.append(loss_sum / n_tokens.item() * world)  # this process's share, rescaled
+            bar.update(1)
+
+            if step % args.log_every == 0 or step == total:
+                mean = torch.tensor(sum(loss_window) / len(loss_window), device=device)
+                if distributed:
+                    dist.all_reduce(mean)
+                    mean /= world
+                elapsed = time.perf_counter() - t0
+                entry = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 3),
+                         "loss": round(mean.item(), 5), "lr": lr,
+                         "images_per_s": round(images_seen / (elapsed - paused), 2), "elapsed_s": round(elapsed, 1)}
+                if master:
+                    record(entry)
+                    bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{entry['images_per_s']:.0f}")
+                loss_window = []
+            evaluating = step % eval_every == 0 or step == total
+            pause = time.perf_counter()
+            if master and evaluating:
+                result = evaluate()
+                improved = best is None or result["cider"] > best
+                best = result["cider"] if improved else best
+                record({"type": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3), **result})
+                say(f"step {step}: val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, "
+                    f"CIDEr-D {result['cider']:.3f}, exact {result['exact']:.1%}" + (" (best)" if improved else ""))
+                if improved:
+                    save(out / "best", with_state=False)
+                write_report(out, records, gallery)
+            if master and (step % save_every == 0 or step == total):
+                save(last, with_state=True)
+            if distributed and (evaluating or step % save_every == 0):
+                dist.barrier()
+            paused += time.perf_counter() - pause  # evaluation and saving are not training speed
+    except KeyboardInterrupt:
+        if master and step > 0:
+            save(last, with_state=True)
+            say(f"interrupted: saved step {step} to {last}; continue with --resume")
+        return 130
+    finally:
+        bar.close()
+        if distributed:
+            dist.destroy_process_group()
+    if master:
+        final = next(r for r in reversed(records) if r["type"] == "eval")
+        say(f"done: {step} steps in {time.perf_counter() - t0:.0f} s; best CIDEr-D {best:.3f}; last: BLEU-4 "
+            f"{final['bleu4']:.3f}, CIDEr-D {final['cider']:.3f}, exact {final['exact']:.1%}")
+        say(f"checkpoints: {out / 'best'} and {last}; report: {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
