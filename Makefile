@@ -20,9 +20,9 @@ test: lint
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	@echo "make demo arrives with training (train.py): it will fine-tune a tiny BLIP on generated images and caption them."
-	@echo "Until then: convert real weights with convert_weights.py (see README.md)."
+	$(BIN)/python demo.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_caption.py
+	$(BIN)/python benchmarks/bench_train.py

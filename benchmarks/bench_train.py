@@ -3,25 +3,30 @@
     python benchmarks/bench_train.py [--size base] [--batch 4] [--threads 2] [--repeats 5] [--amp fp32 bf16]
                                      [--device cpu]
 
-One step = forward, BLIP's captioning loss, backward, AdamW step (lr 1e-5, weight decay 0.05, the same
-optimizer class and flags on both sides), full fine-tune. Ours runs the step the way train.py does
+One step = forward, BLIP's captioning loss, backward, AdamW step (lr 1e-5, weight decay 0.05, fused, as
+train.py makes it; the same optimizer on both sides), full fine-tune. Ours runs the step the way train.py does
 (loss summed over caption tokens, divided by their count); HF runs it the obvious way
 (`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
-sides alternated in one process. Peak memory: each side alone in a child process (peak RSS, or peak
-CUDA allocation on a GPU), after two steps, so that weights, gradients and AdamW moments are counted.
+sides alternated in one process. Peak memory: each side alone in a child process, the peak RSS of
+two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
+allocation on a GPU; weights, gradients, AdamW moments and activations are all in it.
 """
 
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from common import add_common_args, apply_common_args, compare, same_weights
 
+from blip import BlipCaptioner
+from blip.captioner import cpu_has_bf16
 from blip.model import caption_labels, caption_loss
 
 HERE = Path(__file__).resolve()
@@ -38,6 +43,19 @@ def make_batch(batch: int, size: int, vocab: int, device, seed: int = 0):
     return pixels.to(device), ids.to(device), mask.to(device)
 
 
+def train_flops(config, batch: int, tokens: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward), matrix products only:
+    2 FLOPs per multiply-add, as MFU counts them."""
+    v, t = config.vision, config.text
+    N, C = v.num_tokens, v.width
+    vit = v.depth * (2 * N * (4 * C * C + 2 * C * v.mlp_dim) + 4 * N * N * C) + 2 * (N - 1) * 3 * v.patch_size**2 * C
+    T, D = tokens, t.width
+    per_layer = (2 * T * (4 * D * D + 2 * D * t.mlp_dim) + 4 * T * T * D  # self-attention, MLP
+                 + 2 * T * 2 * D * D + 2 * N * 2 * t.encoder_width * D + 4 * T * N * D)  # cross-attention
+    decoder = t.depth * per_layer + 2 * T * D * D + 2 * T * D * t.vocab_size  # LM head
+    return 3 * batch * (vit + decoder)
+
+
 def steppers(hf, ours, batch, amp: str, device):
     """(our step, HF's step): each one full training step on the same batch."""
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
@@ -47,8 +65,8 @@ def steppers(hf, ours, batch, amp: str, device):
     if hf is not None:  # HF shifts labels itself; smoothing as BLIP
         hf.text_decoder.label_smoothing = 0.1
 
-    def optimizer(model):
-        return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    def optimizer(model):  # train.py's AdamW, fused, on both sides
+        return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=True)
 
     opt_ours = optimizer(ours) if ours is not None else None
     opt_hf = optimizer(hf) if hf is not None else None
@@ -72,29 +90,46 @@ def steppers(hf, ours, batch, amp: str, device):
     return ours_step, hf_step
 
 
+def peak_rss_reset():
+    """Start counting peak memory from now: Linux lets a process reset its peak RSS (VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args):
-    """Build one side alone, take two steps, print its peak memory as JSON."""
+    """One side alone, loaded from the weights the parent saved (our side never imports transformers,
+    as train.py does not): two steps, then the peak memory of those steps (weights, gradients, AdamW
+    moments and activations) as JSON."""
     device = torch.device(args.device)
-    hf, ours = same_weights(args.size)
-    hf, ours = (hf, None) if args.child == "hf" else (None, ours)
-    model = (hf or ours).to(device).train()
+    if args.child == "hf":
+        from transformers import BlipForConditionalGeneration
+
+        hf, ours = BlipForConditionalGeneration.from_pretrained(args.weights), None
+    else:
+        hf, ours = None, BlipCaptioner.from_pretrained(args.weights)
+    (hf if ours is None else ours).to(device).train()
     batch = make_batch(args.batch, 384, 30524, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     ours_step, hf_step = steppers(hf, ours, batch, args.amp_one, device)
     step = hf_step if args.child == "hf" else ours_step
-    step()
-    step()
-    del model
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        peak_rss_reset()
+    step()
+    step()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
     print(json.dumps({"peak_bytes": peak}))
 
 
-def peak_of(side: str, amp: str, args) -> float:
-    cmd = [sys.executable, str(HERE), "--child", side, "--amp-one", amp, "--size", args.size,
+def peak_of(side: str, amp: str, weights: Path, args) -> float:
+    cmd = [sys.executable, str(HERE), "--child", side, "--amp-one", amp, "--weights", str(weights),
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     if args.plain_linear:
         cmd.append("--plain-linear")
@@ -102,12 +137,14 @@ def peak_of(side: str, amp: str, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**30
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def mfu(flops_per_s: float, device) -> str:
+    """Model FLOPs utilisation against the GPU's dense bf16 peak, for the GPUs whose peak is known here."""
+    if device.type != "cuda":
+        return ""
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (SXM)
+    name = torch.cuda.get_device_name(device)
+    peak = next((p for key, p in peaks.items() if key in name), None)
+    return f" (MFU {flops_per_s / peak:.1%} of {name}'s {peak / 1e12:.0f})" if peak else ""
 
 
 def main():
@@ -120,6 +157,7 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
     backend = apply_common_args(args)
     if args.child:
@@ -129,22 +167,30 @@ def main():
     amps = args.amp or (["fp32", "bf16"] if has_bf16 else ["fp32"])
 
     hf, ours = same_weights(args.size)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    if not args.no_memory:  # the children load these: the same weights, each side alone
+        hf.save_pretrained(tmp / "hf")
+        ours.save_pretrained(tmp / "ours")
     hf, ours = hf.to(device).train(), ours.to(device).train()
     batch = make_batch(args.batch, 384, 30524, device)
     rows = []
     for amp in amps:
         ours_step, hf_step = steppers(hf, ours, batch, amp, device)
         t_ours, t_hf, l_ours, l_hf = compare(ours_step, hf_step, args.repeats, device)
-        mem = (None, None) if args.no_memory else (peak_of("ours", amp, args), peak_of("hf", amp, args))
+        mem = (None, None) if args.no_memory else (peak_of("ours", amp, tmp / "ours", args),
+                                                   peak_of("hf", amp, tmp / "hf", args))
         rows.append((amp, t_ours, t_hf, mem, l_ours, l_hf))
+    shutil.rmtree(tmp)
 
+    flops = train_flops(ours.config, args.batch, batch[1].shape[1])
     print(f"{args.size} train step, batch {args.batch}, {args.device}, {args.threads} threads, {backend}, "
           f"torch {torch.__version__}, median of {args.repeats} steps, ours and HF alternated")
     print(f"{'':6s} {'ours':>8s} {'HF':>8s} {'HF/ours':>8s} | {'peak ours':>10s} {'peak HF':>9s} {'ours/HF':>8s}")
     for amp, a, b, (ma, mb), la, lb in rows:
         mem = f"{ma:9.2f}G {mb:8.2f}G {ma / mb:7.2f}x" if ma else "(not measured)"
         print(f"{amp:6s} {a:7.3f}s {b:7.3f}s {b / a:7.2f}x | {mem}   images/s: ours {args.batch / a:.2f}, "
-              f"HF {args.batch / b:.2f}; last loss: ours {la:.4f}, HF {lb:.4f}")
+              f"HF {args.batch / b:.2f}; model TFLOP/s: ours {flops / a / 1e12:.2f}, HF {flops / b / 1e12:.2f}"
+              f"{mfu(flops / a, device)}; last loss: ours {la:.4f}, HF {lb:.4f}")
 
 
 if __name__ == "__main__":

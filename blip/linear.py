@@ -9,6 +9,10 @@ packs its weight on first use, keeps the packed copy (one more copy of the weigh
 repacks it whenever the weight changes. Everywhere else (training, CUDA, other dtypes) it is plain
 `F.linear`. Same maths; the summation order differs, so results agree with `F.linear` to fp32
 rounding, not bit for bit.
+
+The packed path runs in eval mode only, and the packed copy is dropped whenever the module switches
+between training and eval mode: fused optimizers (AdamW(fused=True), which train.py uses) update
+weights in place without moving their version counters, so a copy kept across training would be stale.
 """
 
 import weakref
@@ -21,12 +25,18 @@ from torch import nn
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class PackedWeight:
-    """A weight matrix packed for oneDNN, repacked when the weight is replaced or changed in place."""
+class PackedWeight(nn.Module):
+    """A weight matrix packed for oneDNN, repacked when the weight is replaced or changed in place,
+    dropped when the owner switches between training and eval mode. Holds no parameters."""
 
     def __init__(self):
+        super().__init__()
         self.packed = None
         self.key = None  # (weakref to the weight, its storage address, its version counter)
+
+    def train(self, mode: bool = True):
+        self.packed = self.key = None
+        return super().train(mode)
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
         key = self.key
@@ -35,18 +45,16 @@ class PackedWeight:
             self.key = (weakref.ref(weight), weight.data_ptr(), weight._version)
         return self.packed
 
-    def __deepcopy__(self, memo):  # a packed tensor cannot be copied or pickled; the copy repacks
-        return PackedWeight()
-
-    def __getstate__(self):
-        return {"packed": None, "key": None}
+    def __getstate__(self):  # a packed tensor cannot be copied or pickled; the copy repacks
+        return {**self.__dict__, "packed": None, "key": None}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
-    """x @ weight^T + bias, through `packed` when nothing needs gradients on a fp32 CPU tensor."""
+    """x @ weight^T + bias, through `packed` in eval mode when nothing needs gradients on a fp32 CPU tensor."""
     params = (weight,) if bias is None else (weight, bias)
     recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    if ONEDNN and not recording and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+    cpu32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if ONEDNN and not packed.training and not recording and cpu32:
         return torch.ops.mkldnn._linear_pointwise(x, packed.of(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -1,4 +1,5 @@
-"""blip/linear.py: the packed CPU inference path gives F.linear's result and follows weight changes."""
+"""blip/linear.py: the packed CPU inference path (eval mode) gives F.linear's result and follows
+weight changes, fused optimizers' included."""
 
 import copy
 import pickle
@@ -20,7 +21,7 @@ def relative_error(y, ref):
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 1, 64), (24, 64), (2, 577, 64), (0, 64)])
 def test_packed_path_equals_f_linear(shape):
     torch.manual_seed(0)
-    layer = Linear(64, 96)
+    layer = Linear(64, 96).eval()
     x = torch.randn(shape)
     with torch.no_grad():
         y = layer(x)
@@ -32,7 +33,7 @@ def test_packed_path_equals_f_linear(shape):
 
 def test_strided_input_and_no_bias():
     torch.manual_seed(0)
-    layer = Linear(64, 32, bias=False)
+    layer = Linear(64, 32, bias=False).eval()
     x = torch.randn(5, 3, 128)[..., ::2].transpose(0, 1)  # neither contiguous nor row-major
     with torch.inference_mode():
         y = layer(x)
@@ -41,7 +42,7 @@ def test_strided_input_and_no_bias():
 
 def test_repacks_when_the_weight_changes():
     torch.manual_seed(0)
-    layer = Linear(16, 8)
+    layer = Linear(16, 8).eval()
     x = torch.randn(4, 16)
     with torch.no_grad():
         layer(x)
@@ -64,8 +65,33 @@ def test_training_uses_autograd():
     assert torch.allclose(layer.weight.grad, x.detach().sum(0).expand(8, 16))
 
 
-def test_copies_and_pickles_after_packing():
+def test_fused_optimizer_steps_are_seen_after_a_mode_switch():
+    """AdamW(fused=True) changes weights without moving their version counters: the packed copy
+    is only used in eval mode and is dropped when the mode changes, so evaluation after training
+    sees the trained weights."""
+    torch.manual_seed(0)
     layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # packed
+    layer.train()
+    assert layer.packed.packed is None
+    with torch.no_grad():
+        layer(x)
+    assert layer.packed.packed is None  # training mode: plain F.linear, even without gradients
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    version = layer.weight._version
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    assert layer.weight._version == version  # what makes a version check alone miss the change
+    layer.eval()
+    with torch.no_grad():
+        assert relative_error(layer(x), F.linear(x, layer.weight, layer.bias)) <= 1e-6
+
+
+def test_copies_and_pickles_after_packing():
+    layer = Linear(16, 8).eval()
     x = torch.randn(2, 16)
     with torch.no_grad():
         y = layer(x)
@@ -76,7 +102,7 @@ def test_copies_and_pickles_after_packing():
 
 def test_off_switch(monkeypatch):
     monkeypatch.setattr(lin, "ONEDNN", False)
-    layer = Linear(16, 8)
+    layer = Linear(16, 8).eval()
     with torch.no_grad():
         y = layer(torch.ones(1, 16))
     assert layer.packed.packed is None and torch.equal(y, F.linear(torch.ones(1, 16), layer.weight, layer.bias))
