@@ -5,7 +5,7 @@ import torch
 
 from blip import BlipCaptioner, linear
 from blip.config import tiny, with_tokenizer
-from blip.model import caption_labels
+from blip.model import caption_labels, caption_loss
 from conftest import make_hf_model, save_hf_snapshot
 
 CAPTIONS = ["a red dog running on the beach", "a cat", "two blue boats near a river with 3 birds"]
@@ -70,6 +70,10 @@ def test_loss_is_blip_loss(hf_tiny, ours_tiny, tokenizer):
         ref = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).loss
         loss = ours.loss(pixels, ids, mask, prompt_length=n_prompt)
         assert abs(loss.item() - ref.item()) <= 1e-5
+        # train.py's form: the sum over caption tokens, divided by their count over the whole batch
+        logits = ours(pixels, ids, mask)
+        summed = caption_loss(logits, labels, 0.1, "sum") / (labels[:, 1:] != -100).sum()
+        assert abs(summed.item() - ref.item()) <= 1e-5
         # three more pad columns change nothing
         pad = torch.full((3, 3), tokenizer.pad_id)
         longer = ours.loss(pixels, torch.cat([ids, pad], 1), torch.cat([mask, torch.zeros_like(pad)], 1), n_prompt)
