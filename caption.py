@@ -18,9 +18,8 @@ from tqdm import tqdm
 from blip.captioner import Captioner
 from blip.checkpoint import CheckpointError
 from blip.decoding import DecodeConfig
-from blip.image import ImageError, load_image
+from blip.image import IMAGE_SUFFIXES, ImageError, load_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
 
 

@@ -42,14 +42,15 @@ def main(argv=None) -> int:
     evals = [r for r in records if r["type"] == "eval"]
     before, after = evals[0], evals[-1]
     captioner = Captioner.from_pretrained(out / "best", device="cpu")
-    held_out = [json.loads(line) for line in (data / "val" / "metadata.jsonl").read_text().splitlines()][:10]
+    val = [json.loads(line) for line in (data / "val" / "metadata.jsonl").read_text().splitlines()]
+    held_out = val[:10]
     predictions = captioner.caption([data / "val" / r["file_name"] for r in held_out], "a picture of ", num_beams=3)
 
     print("\nheld-out pictures, captioned by the trained model (runs/demo/best):")
     for r, prediction in zip(held_out, predictions, strict=True):
         mark = "ok " if prediction == r["text"] else "   "
         print(f"  {mark} {r['file_name']}: {prediction:44s} (true: {r['text']})")
-    print(f"\n{len(train.read_splits(data)[1].rows)} held-out pictures, beam search 3:")
+    print(f"\n{len(val)} held-out pictures, beam search 3:")
     print(f"  {'':18s} {'exact captions':>15s} {'CIDEr-D':>8s} {'BLEU-4':>7s}")
     for name, r in (("before training", before), (f"after {after['step']} steps", after)):
         print(f"  {name:18s} {r['exact']:15.1%} {r['cider']:8.3f} {r['bleu4']:7.3f}")

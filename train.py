@@ -48,7 +48,7 @@ from blip.checkpoint import (
     save_training_state,
 )
 from blip.data import Collate, DataError, EvalSet, TrainSet, check_images, clean_caption, epoch_order, read_splits
-from blip.decoding import DecodeConfig, generate
+from blip.decoding import DecodeConfig, generate_from
 from blip.metrics import caption_scores
 from blip.model import BlipCaptioner, caption_labels, caption_loss
 from blip.report import thumbnail, write_report
@@ -186,6 +186,11 @@ def split_batch(items: list, parts: int) -> list[list]:
 
 def say(message: str):
     tqdm.write(message, file=sys.stderr)
+
+
+def scores_line(result: dict) -> str:
+    return (f"val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, CIDEr-D {result['cider']:.3f}, "
+            f"exact {result['exact']:.1%}")
 
 
 def main(argv=None) -> int:
@@ -386,10 +391,11 @@ def main(argv=None) -> int:
         for pixels, ids, mask in loader:
             pixels, ids, mask = pixels.to(device), ids.to(device), mask.to(device)
             with autocast():
+                image = model.encode_image(pixels)  # once, for the loss and for the captions
                 labels = caption_labels(ids, mask, prompt_length, config.text.bos_token_id)
-                loss_sum += caption_loss(model(pixels, ids, mask), labels, 0.0, "sum").item()
+                loss_sum += caption_loss(model.text_decoder(ids, mask, image), labels, 0.0, "sum").item()
                 n_tokens += int((labels[:, 1:] != -100).sum())
-                new = generate(model, pixels, prompt_ids, eval_decode)
+                new = generate_from(model, image, prompt_ids, eval_decode)
             predictions += [tokenizer.decode(i) for i in new]
         model.train()
         references = [row.captions for row in val_split.rows]
@@ -407,13 +413,20 @@ def main(argv=None) -> int:
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches_from(step), collate_fn=collate,
                                               num_workers=workers, pin_memory=device.type == "cuda",
                                               generator=torch.Generator()))  # the global stream is dropout's
-    if master and not args.resume:  # where training starts from: the "before" of every curve
+    def evaluation():
+        """Evaluate at `step`, record it, keep `best/`, redraw the report."""
+        nonlocal best
         result = evaluate()
-        best = result["cider"]
-        record({"type": "eval", "step": 0, "epoch": 0, **result})
-        log(f"before training: val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, "
-            f"CIDEr-D {result['cider']:.3f}, exact {result['exact']:.1%}")
-        save(out / "best", with_state=False)
+        improved = best is None or result["cider"] > best
+        best = result["cider"] if improved else best
+        record({"type": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3), **result})
+        say(f"{f'step {step}' if step else 'before training'}: {scores_line(result)}" + (" (best)" if improved else ""))
+        if improved:
+            save(out / "best", with_state=False)
+        write_report(out, records, gallery)
+
+    if master and not args.resume:  # where training starts from: the "before" of every curve
+        evaluation()
     if distributed and not args.resume:
         dist.barrier()
     bar = tqdm(total=total, initial=step, unit="step", disable=not master, file=sys.stderr, dynamic_ncols=True)
@@ -465,15 +478,7 @@ def main(argv=None) -> int:
             evaluating = step % eval_every == 0 or step == total
             pause = time.perf_counter()
             if master and evaluating:
-                result = evaluate()
-                improved = best is None or result["cider"] > best
-                best = result["cider"] if improved else best
-                record({"type": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3), **result})
-                say(f"step {step}: val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, "
-                    f"CIDEr-D {result['cider']:.3f}, exact {result['exact']:.1%}" + (" (best)" if improved else ""))
-                if improved:
-                    save(out / "best", with_state=False)
-                write_report(out, records, gallery)
+                evaluation()
             if master and (step % save_every == 0 or step == total):
                 save(last, with_state=True)
             if distributed and (evaluating or step % save_every == 0):
@@ -491,8 +496,8 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     if master:
         final = next(r for r in reversed(records) if r["type"] == "eval")
-        say(f"done: {step} steps in {time.perf_counter() - t0:.0f} s; best CIDEr-D {best:.3f}; last: BLEU-4 "
-            f"{final['bleu4']:.3f}, CIDEr-D {final['cider']:.3f}, exact {final['exact']:.1%}")
+        say(f"done: {step} steps in {time.perf_counter() - t0:.0f} s; best CIDEr-D {best:.3f}; "
+            f"last: {scores_line(final)}")
         say(f"checkpoints: {out / 'best'} and {last}; report: {out / 'report.html'}")
     return 0
 

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .image import ImageError, TrainTransform, eval_transform, load_image
+from .image import IMAGE_SUFFIXES, ImageError, TrainTransform, eval_transform, load_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 VAL_NAMES = ("val", "validation", "valid")
 MAX_WORDS = 30  # BLIP truncates training captions to 30 words
 
@@ -70,9 +69,9 @@ def read_folder(folder: Path) -> Split:
     for name in ("metadata.jsonl", "metadata.csv"):
         if (folder / name).is_file():
             return _group(read_metadata(folder / name))
-    jsons = sorted(p for p in folder.glob("*.json") if _is_caption_json(p))
+    jsons = [(p, d) for p in sorted(folder.glob("*.json")) if (d := _caption_json(p)) is not None]
     if jsons:
-        return _group(*(read_json(p) for p in jsons))
+        return _group(*(read_json(p, d) for p, d in jsons))
     parquets = sorted(folder.rglob("*.parquet"))
     if parquets:
         return _group(*(read_parquet(p) for p in parquets))
@@ -150,22 +149,22 @@ def read_metadata(path: Path) -> Split:
     return out
 
 
-def _is_caption_json(path: Path) -> bool:
-    """COCO captions (an object with images + annotations) or BLIP's list of {image, caption}."""
+def _caption_json(path: Path) -> dict | list | None:
+    """The file's contents if it holds COCO captions (an object with images + annotations) or
+    BLIP's list of {image, caption}; None for any other file."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return None
     if isinstance(d, dict):
-        return "images" in d and "annotations" in d
-    return isinstance(d, list) and bool(d) and isinstance(d[0], dict) and "caption" in d[0]
+        return d if "images" in d and "annotations" in d else None
+    return d if isinstance(d, list) and d and isinstance(d[0], dict) and "caption" in d[0] else None
 
 
-def read_json(path: Path) -> Split:
-    """COCO captions: annotations {image_id, caption} joined to images {id, file_name}; or a
+def read_json(path: Path, d: dict | list) -> Split:
+    """COCO captions `d`: annotations {image_id, caption} joined to images {id, file_name}; or a
     list of {image, caption}. Image paths are relative to the JSON file's folder."""
     out = Split()
-    d = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(d, list):
         for n, record in enumerate(d):
             where = f"{path}: entry {n}"

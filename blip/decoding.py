@@ -49,8 +49,13 @@ class DecodeConfig:
 def generate(model, pixel_values, prompt_ids: list[int], cfg: DecodeConfig, generator=None) -> list[list[int]]:
     """Caption a batch of images. prompt_ids: [DEC] + prompt tokens.
     Returns the new token ids of each image, ending with [SEP] when the caption was finished."""
+    return generate_from(model, model.encode_image(pixel_values), prompt_ids, cfg, generator)
+
+
+@torch.inference_mode()
+def generate_from(model, image, prompt_ids: list[int], cfg: DecodeConfig, generator=None) -> list[list[int]]:
+    """`generate` for images already encoded: image (B, N, C) image tokens."""
     cfg.validate()
-    image = model.encode_image(pixel_values)  # (B, N, C), once per image
     cache = model.new_cache(image)  # cross-attention keys/values, once per image
     B, K = image.shape[0], cfg.num_beams
     prompt = torch.tensor(prompt_ids, device=image.device).expand(B * K, -1)  # (B*K, P)

@@ -27,6 +27,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MEAN_255 = (torch.tensor(CLIP_MEAN) * 255).tolist()
 STD_255 = (torch.tensor(CLIP_STD) * 255).tolist()
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16/32-bit single-channel modes
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # what folders are searched for
 
 
 class ImageError(ValueError):

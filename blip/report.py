@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .metrics import tokenize
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
@@ -65,7 +67,7 @@ def gallery(entry: dict, images: list[str]) -> str:
     cards = []
     for shown, image in zip(entry.get("gallery", []), images, strict=False):
         refs = shown["references"]
-        exact = " ".join(shown["prediction"].split()) in [" ".join(r.lower().split()) for r in refs]
+        exact = tokenize(shown["prediction"]) in [tokenize(r) for r in refs]
         cards.append(
             f'<div class="card"><img src="{image}" alt="validation image">'
             f'<p class="{"good" if exact else "bad"}">{html.escape(shown["prediction"]) or "<i>(empty)</i>"}</p>'
