@@ -5,7 +5,8 @@
 
 One step = forward, BLIP's captioning loss, backward, AdamW step (lr 1e-5, weight decay 0.05, fused, as
 train.py makes it; the same optimizer on both sides), full fine-tune. Ours runs the step the way train.py does
-(loss summed over caption tokens, divided by their count); HF runs it the obvious way
+(loss summed over caption tokens, divided by their count; what backward recomputes as train.py's default for
+the device, blip/recompute.py); HF runs it the obvious way
 (`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
 sides alternated in one process. Peak memory: each side alone in a child process, the peak RSS of
 two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
@@ -27,6 +28,7 @@ from common import add_common_args, apply_common_args, compare, same_weights
 
 from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
+from blip.recompute import default_mode
 from blip.model import caption_labels, caption_loss
 
 HERE = Path(__file__).resolve()
@@ -68,6 +70,8 @@ def steppers(hf, ours, batch, amp: str, device):
     def optimizer(model):  # train.py's AdamW, fused, on both sides
         return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=True)
 
+    if ours is not None:  # what backward keeps: train.py's default for this device
+        ours.set_recompute(default_mode(ours, device))
     opt_ours = optimizer(ours) if ours is not None else None
     opt_hf = optimizer(hf) if hf is not None else None
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import recompute
 from .config import BlipConfig
 from .text import KVCache, TextDecoder
 from .vit import VisionTransformer
@@ -25,6 +26,13 @@ class BlipCaptioner(nn.Module):
         self.config = config
         self.visual_encoder = VisionTransformer(config.vision)
         self.text_decoder = TextDecoder(config.text)
+
+    def set_recompute(self, mode: str):
+        """What training keeps for backward, in the ViT and the decoder alike: "none", "elementwise"
+        (recompute norms, GELU and adds from kept products) or "full" (blip/recompute.py)."""
+        if mode not in recompute.MODES:
+            raise ValueError(f"recompute mode must be one of {recompute.MODES}, not {mode!r}")
+        self.visual_encoder.recompute = self.text_decoder.recompute = mode
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, C_img) image tokens."""

@@ -9,9 +9,9 @@ matrix is the word-embedding matrix (tied). Matches HF `BlipTextLMHeadModel` and
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
+from . import recompute
 from .config import TextConfig
 from .linear import Linear, PackedWeight, linear
 
@@ -148,7 +148,7 @@ class TextTransformer(nn.Module):
         self.causal = causal
         self.embeddings = TextEmbeddings(cfg)
         self.layers = nn.ModuleList(TextLayer(cfg, cross) for _ in range(cfg.depth))
-        self.grad_checkpointing = False
+        self.recompute = "none"  # in training: what backward keeps (blip/recompute.py)
 
     def new_cache(self, image_embeds: torch.Tensor) -> KVCache:
         """An empty cache for decoding from `image_embeds` (B_images, N, C_image)."""
@@ -185,10 +185,8 @@ class TextTransformer(nn.Module):
             else:
                 image_kv = layer.cross_attn.keys_values(image_embeds) if layer.cross_attn else None
                 past_kv = None
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, is_causal, image_kv, past_kv, use_reentrant=False)
-            else:
-                x = layer(x, mask, is_causal, image_kv, past_kv)
+            x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv,
+                              mode=self.recompute if self.training else "none")
         return x
 
 

@@ -9,10 +9,10 @@ Matches HF `BlipVisionModel(...).last_hidden_state` and timm's `forward_features
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from .config import VisionConfig
+from . import recompute
 from .linear import Linear
 
 
@@ -79,7 +79,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.grad_checkpointing = False  # recompute blocks in backward to save memory (large models)
+        self.recompute = "none"  # in training: what backward keeps and what it recomputes (blip/recompute.py)
         with torch.no_grad():  # positions the model can read from the first step (learned from there on)
             self.pos_embed[0, 1:] = sincos_2d(cfg.grid, cfg.width)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -95,10 +95,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, N, C)
         x = x + self.pos_embed
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = recompute.run(block, x, mode=self.recompute if self.training else "none")
         return self.norm(x)
 
 
