@@ -28,8 +28,8 @@ from common import add_common_args, apply_common_args, compare, same_weights
 
 from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
-from blip.recompute import default_mode
 from blip.model import caption_labels, caption_loss
+from blip.recompute import default_mode
 
 HERE = Path(__file__).resolve()
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
 from . import recompute
+from .config import VisionConfig
 from .linear import Linear
 
 
