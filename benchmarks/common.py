@@ -21,13 +21,15 @@ def add_common_args(p, repeats: int):
     p.add_argument("--repeats", type=int, default=repeats, help="timed calls per measurement (median reported)")
     p.add_argument("--plain-linear", action="store_true",
                    help="run our linears as plain F.linear, without the packed oneDNN CPU path (blip/linear.py)")
+    p.add_argument("--packed-linear", action="store_true",
+                   help="run the packed oneDNN CPU path also where it is not the default (Intel CPUs)")
 
 
 def apply_common_args(args):
     """Thread count and linear backend, as the flags say."""
     torch.set_num_threads(args.threads)
-    if args.plain_linear:
-        linear.ONEDNN = False
+    if args.plain_linear or args.packed_linear:
+        linear.ONEDNN = args.packed_linear and linear.AVAILABLE
     return "plain F.linear" if not linear.ONEDNN else "packed oneDNN linear"
 
 

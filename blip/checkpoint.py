@@ -69,9 +69,13 @@ def load_model(folder, map_location="cpu", config: BlipConfig | None = None):
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
-    model = BlipCaptioner(config)
+    # modules built on the meta device hold no memory and are not initialised; the file's tensors then
+    # become the parameters (assign=True): nothing is drawn at random only to be overwritten, and the
+    # weights are never in memory twice
+    with torch.device("meta"):
+        model = BlipCaptioner(config)
     check_state_dict(state, model.state_dict(), str(path))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.to(map_location).eval()
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as tvF
+from torch.nn import functional as F
 
 # CLIP's normalisation statistics, which BLIP and HF's BlipImageProcessor use
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,8 +71,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def eval_transform(im: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> (3, size, size) float32, as HF BlipImageProcessor computes it."""
     x = torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-    x = tvF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return tvF.normalize(x.float(), MEAN_255, STD_255)
+    # antialiased bicubic resize of the uint8 image, to uint8 (torchvision's resize, without importing it:
+    # captioning starts a second sooner)
+    if x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+    mean, std = torch.tensor(MEAN_255).view(3, 1, 1), torch.tensor(STD_255).view(3, 1, 1)
+    return (x.float() - mean) / std
 
 
 def preprocess(images, size: int) -> torch.Tensor:
@@ -120,7 +123,7 @@ class TrainTransform:
 
     def __init__(self, size: int, augment: str = "blip", magnitude: int = 5, scale: tuple[float, float] = (0.5, 1.0)):
         from timm.data.auto_augment import RandAugment, rand_augment_ops
-        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
         if augment not in ("blip", "flip", "none"):
             raise ValueError(f"unknown augmentation {augment!r}")

@@ -4,7 +4,8 @@ PyTorch's CPU `F.linear` runs fp32 on MKL. oneDNN (bundled with PyTorch; its com
 the same purpose) runs the same product on weights it has re-laid out once ("packed") for its
 kernels. On the AMD EPYC (AVX-512) machines this project is measured on, that is 2-5x faster, from
 the few rows of a decoding step to the 577-token rows of a ViT forward (`benchmarks/*.py
---plain-linear` shows the difference). So when no gradient is being recorded, a fp32 CPU linear
+--plain-linear` shows the difference); on Intel CPUs it is not (`ONEDNN` below). So there, when no
+gradient is being recorded, a fp32 CPU linear
 packs its weight on first use, keeps the packed copy (one more copy of the weights in memory) and
 repacks it whenever the weight changes. Everywhere else (training, CUDA, other dtypes) it is plain
 `F.linear`. Same maths; the summation order differs, so results agree with `F.linear` to fp32
@@ -21,8 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# False turns the packed path off everywhere (benchmarks compare both); off where PyTorch lacks it
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# Where the packed path runs. MKL, which runs PyTorch's F.linear on x86, takes its fastest kernels on
+# Intel CPUs only: there the packed path measured no faster (8 photos x beam 3: 5.48 s against 5.55 s on
+# a Xeon with AVX-512 and AMX), slower for one photo (1.15 s against 0.94 s: packing is first-call work),
+# while it holds the second copy of the weights. So: packed on other CPUs (AMD EPYC: 2-5x), plain F.linear
+# on Intel's. ONEDNN = False turns it off everywhere, True on wherever PyTorch has it (benchmarks, tests).
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN = AVAILABLE and _cpu_vendor() != "GenuineIntel"
 
 
 class PackedWeight(nn.Module):
@@ -54,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     params = (weight,) if bias is None else (weight, bias)
     recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     cpu32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if ONEDNN and not packed.training and not recording and cpu32:
+    if ONEDNN and AVAILABLE and not packed.training and not recording and cpu32:
         return torch.ops.mkldnn._linear_pointwise(x, packed.of(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -90,11 +90,21 @@ class TextLayer(nn.Module):
         return self.norm3(x + self.drop(self.mlp(x)))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that draws no random weights on the meta device (a model built there to load a
+    checkpoint into): PyTorch's normal draw on meta tensors first imports its compiler, a second of
+    start-up for nothing. Elsewhere it draws exactly as nn.Embedding does."""
+
+    def reset_parameters(self):
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position = nn.Embedding(cfg.max_positions, cfg.width)
+        self.word = Embedding(cfg.vocab_size, cfg.width)
+        self.position = Embedding(cfg.max_positions, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -211,7 +221,8 @@ class TextDecoder(TextTransformer):
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg, causal=True, cross=True)
         self.head = LMHead(cfg)
-        self.apply(_init_weights)
+        if not self.head.bias.is_meta:  # on the meta device there is nothing to draw (Embedding above)
+            self.apply(_init_weights)
 
     def forward(self, input_ids, attention_mask=None, image_embeds=None, cache=None) -> torch.Tensor:
         """-> next-token logits (B, T, vocab): position t predicts token t + 1."""

@@ -103,9 +103,11 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     """(grid*grid, width) 2-D sine-cosine position codes (MAE, He et al. 2022): half of the
     channels encode the row, half the column, each as sines and cosines of several frequencies."""
     quarter = width // 4
-    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (width/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    # on the CPU whatever device the model is built on: on the meta device (checkpoint loading) these
+    # float64 ops would first import PyTorch's compiler, a second of start-up
+    f64 = dict(dtype=torch.float64, device="cpu")
+    freq = 1.0 / 10000 ** (torch.arange(quarter, **f64) / quarter)  # (width/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, **f64), torch.arange(grid, **f64), indexing="ij")
     angles = [pos.reshape(-1, 1) * freq for pos in (rows, cols)]  # 2 x (grid*grid, width/4)
     codes = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (grid*grid, 4*quarter)
     return nn.functional.pad(codes, (0, width - 4 * quarter)).float()

@@ -53,6 +53,25 @@ def test_round_trip_hf_ours_hf_is_bit_identical(hf_tiny, ours_tiny, tmp_path, ca
     assert hf_tok("a red dog [DEC]")["input_ids"] == ours_tok.encode("a red dog [DEC]")
 
 
+def test_loading_takes_the_files_weights_without_drawing_any(ours_tiny):
+    """load_model builds the model on the meta device and takes the file's tensors as its parameters:
+    no random number is drawn (building a model draws from torch's generator), and every weight is the
+    file's, on the CPU."""
+    from blip.checkpoint import read_config
+
+    state = torch.get_rng_state()
+    model = load_model(ours_tiny)
+    assert torch.equal(torch.get_rng_state(), state)  # nothing initialised, then overwritten
+    BlipCaptioner(read_config(ours_tiny))
+    assert not torch.equal(torch.get_rng_state(), state)  # as building the model the plain way would
+    saved = load_file(str(ours_tiny / "model.safetensors"))
+    weights = model.state_dict()
+    assert weights.keys() == saved.keys()
+    for name, tensor in weights.items():
+        assert tensor.device.type == "cpu" and torch.equal(tensor, saved[name]), name
+    assert all(not p.is_meta for p in model.parameters()) and all(not b.is_meta for b in model.buffers())
+
+
 def test_bin_snapshot_with_tied_weights_converts_the_same(hf_tiny, ours_tiny, vocab_dir, tmp_path, capsys):
     """Older hub files are pytorch_model.bin and store the tied LM-head weights and position_ids."""
     hf, snapshot = hf_tiny
