@@ -94,19 +94,20 @@ def build(tmp: Path):
 
 def run(cmd: list[str], env: dict) -> dict:
     """One child process: wall time, time to its first output line, peak RSS, exit code."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=ROOT)
-    first, lines = None, []
-    for line in proc.stdout:
-        if first is None:
-            first = time.perf_counter() - start
-        lines.append(line)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{stderr[-2000:]}")
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty stderr cannot block the child
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, cwd=ROOT)
+        first, lines = None, []
+        for line in proc.stdout:
+            if first is None:
+                first = time.perf_counter() - start
+            lines.append(line)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{err.read()[-2000:]}")
     return {"wall": wall, "first": first, "rss": usage.ru_maxrss * 1024 / 2**30, "lines": lines}
 
 

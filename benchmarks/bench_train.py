@@ -29,7 +29,7 @@ from common import add_common_args, apply_common_args, compare, same_weights
 from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
 from blip.model import caption_labels, caption_loss
-from blip.recompute import default_mode
+from blip.recompute import MODES, default_mode
 
 HERE = Path(__file__).resolve()
 
@@ -58,7 +58,7 @@ def train_flops(config, batch: int, tokens: int) -> float:
     return 3 * batch * (vit + decoder)
 
 
-def steppers(hf, ours, batch, amp: str, device):
+def steppers(hf, ours, batch, amp: str, device, recompute: str = "auto"):
     """(our step, HF's step): each one full training step on the same batch."""
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
     pixels, ids, mask = batch
@@ -70,8 +70,8 @@ def steppers(hf, ours, batch, amp: str, device):
     def optimizer(model):  # train.py's AdamW, fused, on both sides
         return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=True)
 
-    if ours is not None:  # what backward keeps: train.py's default for this device
-        ours.set_recompute(default_mode(ours, device))
+    if ours is not None:  # what backward keeps: train.py's default for this device unless --recompute says
+        ours.set_recompute(default_mode(ours, device) if recompute == "auto" else recompute)
     opt_ours = optimizer(ours) if ours is not None else None
     opt_hf = optimizer(hf) if hf is not None else None
 
@@ -120,7 +120,7 @@ def child(args):
         hf, ours = None, BlipCaptioner.from_pretrained(args.weights)
     (hf if ours is None else ours).to(device).train()
     batch = make_batch(args.batch, 384, 30524, device)
-    ours_step, hf_step = steppers(hf, ours, batch, args.amp_one, device)
+    ours_step, hf_step = steppers(hf, ours, batch, args.amp_one, device, args.recompute)
     step = hf_step if args.child == "hf" else ours_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -137,6 +137,7 @@ def peak_of(side: str, amp: str, weights: Path, args) -> float:
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     if args.plain_linear:
         cmd.append("--plain-linear")
+    cmd += ["--recompute", args.recompute]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**30
 
@@ -159,6 +160,8 @@ def main():
                    help="precisions to measure (default: fp32, and bf16 autocast where the CPU or GPU has bf16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--recompute", choices=["auto", *MODES], default="auto",
+                   help="what our backward recomputes (blip/recompute.py; default: train.py's, auto)")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -179,7 +182,7 @@ def main():
     batch = make_batch(args.batch, 384, 30524, device)
     rows = []
     for amp in amps:
-        ours_step, hf_step = steppers(hf, ours, batch, amp, device)
+        ours_step, hf_step = steppers(hf, ours, batch, amp, device, args.recompute)
         t_ours, t_hf, l_ours, l_hf = compare(ours_step, hf_step, args.repeats, device)
         mem = (None, None) if args.no_memory else (peak_of("ours", amp, tmp / "ours", args),
                                                    peak_of("hf", amp, tmp / "hf", args))

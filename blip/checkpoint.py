@@ -71,10 +71,13 @@ def load_model(folder, map_location="cpu", config: BlipConfig | None = None):
         raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
     # modules built on the meta device hold no memory and are not initialised; the file's tensors then
     # become the parameters (assign=True): nothing is drawn at random only to be overwritten, and the
-    # weights are never in memory twice
+    # weights are never in memory twice. They are the file's pages, mapped copy-on-write: our writers
+    # always write a new file (replace_folder), never over a mapped one.
     with torch.device("meta"):
         model = BlipCaptioner(config)
-    check_state_dict(state, model.state_dict(), str(path))
+    expected = model.state_dict()
+    check_state_dict(state, expected, str(path))
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # a bf16 file still loads as fp32
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(map_location).eval()
 

@@ -4,8 +4,8 @@ PyTorch's CPU `F.linear` runs fp32 on MKL. oneDNN (bundled with PyTorch; its com
 the same purpose) runs the same product on weights it has re-laid out once ("packed") for its
 kernels. On the AMD EPYC (AVX-512) machines this project is measured on, that is 2-5x faster, from
 the few rows of a decoding step to the 577-token rows of a ViT forward (`benchmarks/*.py
---plain-linear` shows the difference); on Intel CPUs it is not (`ONEDNN` below). So there, when no
-gradient is being recorded, a fp32 CPU linear
+--plain-linear` shows the difference); on Intel CPUs it is not (`ONEDNN` below). So on other CPUs,
+when no gradient is being recorded, a fp32 CPU linear
 packs its weight on first use, keeps the packed copy (one more copy of the weights in memory) and
 repacks it whenever the weight changes. Everywhere else (training, CUDA, other dtypes) it is plain
 `F.linear`. Same maths; the summation order differs, so results agree with `F.linear` to fp32

@@ -10,7 +10,8 @@ nothing (layer norms, the GELU, residual adds) yet take a third of the memory. S
   elementwise  keep the outputs of matrix products and attention, and the low-precision copies of the
                weights autocast makes; recompute the element-wise ops in backward from them. 11 of the 16
                tensors are kept (about 400 MB less for the base ViT at batch 4), the gradients are the
-               same bit for bit, and the extra work is a few element-wise passes per block.
+               same bit for bit (dropout included: the random stream is replayed), and the extra
+               work is a few element-wise passes per block.
   full         keep only the block's input and run the whole block again in backward (gradient
                checkpointing): the least memory, about a third more compute.
 
@@ -28,19 +29,30 @@ MODES = ("none", "elementwise", "full")
 
 aten = torch.ops.aten
 # results worth keeping: matrix products and every fused attention kernel SDPA may pick
-PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default,
-            aten._scaled_dot_product_flash_attention_for_cpu.default,
-            aten._scaled_dot_product_flash_attention.default,
-            aten._scaled_dot_product_efficient_attention.default,
-            aten._scaled_dot_product_cudnn_attention.default}
+ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_flash_attention.default,
+             aten._scaled_dot_product_efficient_attention.default,
+             aten._scaled_dot_product_cudnn_attention.default}
+PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, *ATTENTION}
 
 
 def _keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Keep products, attention and autocast's casts of weights (casting again would cost a pass over
-    the weights); recompute the rest (norms, GELU, adds, casts of activations, views)."""
+    the weights); recompute the rest (norms, GELU, adds, casts of activations, views).
+
+    Attention with dropout is recomputed too: its kernel draws random numbers, and the recomputation
+    replays the random stream from the block's start, so every later dropout mask must be drawn again
+    in the same order to come out the same."""
+    if op in ATTENTION and _dropout_p(op, args, kwargs) > 0:
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if op in PRODUCTS or (op == aten._to_copy.default and isinstance(args[0], nn.Parameter)):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _dropout_p(op, args, kwargs) -> float:
+    i = [a.name for a in op._schema.arguments].index("dropout_p")
+    return kwargs.get("dropout_p", args[i] if i < len(args) else 0.0)
 
 
 MIN_PARAMS = 100_000_000  # "elementwise" pays from here: below, the per-op overhead of recomputing shows

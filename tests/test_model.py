@@ -1,7 +1,11 @@
 """BlipCaptioner against HF BlipForConditionalGeneration: logits, loss, training step, cache."""
 
+from collections import Counter
+from dataclasses import replace
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from blip import BlipCaptioner, linear
 from blip.config import tiny, with_tokenizer
@@ -98,32 +102,51 @@ def test_train_step_is_finite_and_reaches_every_weight(tokenizer):
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["elementwise", "full"])
-def test_recompute_gives_same_gradients(tokenizer, mode, amp):
-    """Recomputing in backward changes what is kept, not the maths: "elementwise" gives the same
-    gradients bit for bit (also under bf16 autocast); "full" reruns whole blocks, to fp32 rounding."""
+class OpsRun(TorchDispatchMode):
+    """Counts the ATen ops that run while it is active (names without overloads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("mode", "amp", "dropout"), [
+    ("elementwise", None, 0.0), ("elementwise", torch.bfloat16, 0.0), ("elementwise", None, 0.1),
+    ("full", None, 0.0), ("full", torch.bfloat16, 0.0)])
+def test_recompute_gives_same_gradients(tokenizer, mode, amp, dropout):
+    """Recomputing in backward changes what is kept, not the maths. "elementwise" keeps products and
+    attention (no addmm or attention kernel runs in backward) and recomputes layer norms (they run in
+    backward): the same gradients bit for bit, under bf16 autocast and with dropout too. "full" reruns
+    whole blocks, products included: the same gradients to fp32 rounding."""
+    config = with_tokenizer(tiny(), tokenizer)
     torch.manual_seed(0)
-    model = BlipCaptioner(with_tokenizer(tiny(), tokenizer)).train()
+    model = BlipCaptioner(replace(config, text=replace(config.text, dropout=dropout))).train()
     pixels, ids, mask = batch(tokenizer)
 
     def grads():
         model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks for both runs
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             loss = model.loss(pixels, ids, mask)
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        with OpsRun() as backward:
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, backward.ops
 
-    norms_run = []  # a layer norm recomputed in backward runs twice per step: its output was not kept
-    for block in model.visual_encoder.blocks:
-        block.norm1.register_forward_hook(lambda *_: norms_run.append(1))
     model.set_recompute("none")
-    plain = grads()
-    assert len(norms_run) == len(model.visual_encoder.blocks)
+    plain, ops = grads()
+    assert ops["native_layer_norm"] == ops["addmm"] == 0  # plain autograd recomputes nothing
     model.set_recompute(mode)
-    norms_run.clear()
-    again = grads()
-    assert len(norms_run) == 2 * len(model.visual_encoder.blocks)
+    again, ops = grads()
+    assert ops["native_layer_norm"] > 0
+    attention = ops["_scaled_dot_product_flash_attention_for_cpu"]
+    if mode == "elementwise":
+        assert ops["addmm"] == 0 and (attention == 0 or dropout > 0)
+    else:
+        assert ops["addmm"] > 0 and attention > 0
     for n, g in plain.items():
         if mode == "elementwise":
             assert torch.equal(again[n], g), n

@@ -83,6 +83,15 @@ def test_param_groups_decay_weights_only_and_scale_the_vit():
     assert "visual_encoder.blocks.0.attn.qkv.weight" in decayed and "text_decoder.layers.0.mlp.fc1.weight" in decayed
 
 
+def test_grad_checkpointing_flag_takes_a_mode():
+    parse = train.parse_args
+    assert parse(["--data", "d"]).grad_checkpointing == "auto"  # elementwise on CPU for big models
+    assert parse(["--data", "d", "--grad-checkpointing"]).grad_checkpointing == "full"
+    assert parse(["--data", "d", "--grad-checkpointing", "elementwise"]).grad_checkpointing == "elementwise"
+    with pytest.raises(SystemExit):
+        parse(["--data", "d", "--grad-checkpointing", "sometimes"])
+
+
 def test_split_batch_keeps_order_and_sizes():
     assert train.split_batch(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert sum(train.split_batch(list(range(32)), 4), []) == list(range(32))
