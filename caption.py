@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from blip.attention_map import draw
 from blip.captioner import Captioner
 from blip.checkpoint import CheckpointError
 from blip.decoding import DecodeConfig
@@ -58,6 +59,9 @@ def parse_args(argv=None):
                    help="text: 'PATH: caption' lines; jsonl: {\"image\": PATH, \"caption\": TEXT} lines; "
                    "csv: image,caption rows (default: text)")
     p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output")
+    p.add_argument("--attention-map", metavar="OUT.png",
+                   help="also draw where the decoder looked for each word (one panel per word) to OUT.png; with "
+                   "several images, OUT-<image name>.png each")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
@@ -117,6 +121,12 @@ class Writer:
         self.out.flush()
 
 
+def map_path(out: str, image: Path, n_images: int) -> Path:
+    """Where --attention-map draws an image's map: OUT itself, or OUT-<image name>.png for several."""
+    out = Path(out)
+    return out if n_images == 1 else out.with_name(f"{out.stem}-{image.stem}{out.suffix or '.png'}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     files, problems = expand(args.paths)
@@ -151,9 +161,12 @@ def main(argv=None) -> int:
                     bar.update(1)
             if not batch:
                 continue
-            captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator)
-            for (path, _), caption in zip(batch, captions, strict=True):
+            maps = [] if args.attention_map else None
+            captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator, attention=maps)
+            for i, ((path, im), caption) in enumerate(zip(batch, captions, strict=True)):
                 writer.write(path, caption)
+                if maps is not None:
+                    draw(im, *maps[i]).save(map_path(args.attention_map, path, len(files)))
             bar.update(len(batch))
     if failed:
         print(f"{failed} of {len(files) + len(problems)} inputs could not be captioned (named above)", file=sys.stderr)

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import torch
 
+from .attention_map import word_maps
 from .checkpoint import load_model, load_tokenizer
 from .decoding import DecodeConfig, generate
 from .image import load_image, preprocess
@@ -64,14 +65,21 @@ class Captioner:
         return None if seed is None else torch.Generator(self.device).manual_seed(seed)
 
     def caption(self, images, prompt: str = "", config: DecodeConfig | None = None,
-                generator: torch.Generator | None = None, seed: int | None = None, **options) -> list[str]:
+                generator: torch.Generator | None = None, seed: int | None = None,
+                attention: list | None = None, **options) -> list[str]:
         """Caption PIL images or image paths (one batch); `options` are DecodeConfig fields.
         The prompt conditions the caption but is not part of the returned text. For sampling,
-        pass a seed, or a generator to continue one random stream over several calls."""
+        pass a seed, or a generator to continue one random stream over several calls.
+        attention: when a list is given, it receives per image (words, maps): where the decoder
+        looked for each word, (words, grid, grid) over the image patches (blip/attention_map.py)."""
         config = replace(config or DecodeConfig(), **options)
         if generator is None:
             generator = self.generator(seed)
         images = [im if hasattr(im, "mode") else load_image(im) for im in images]
         pixels = preprocess(images, self.image_size).to(self.device, self.dtype)
-        ids = generate(self.model, pixels, self.tokenizer.encode_prompt(prompt), config, generator)
+        maps = [] if attention is not None else None
+        ids = generate(self.model, pixels, self.tokenizer.encode_prompt(prompt), config, generator, maps)
+        if attention is not None:
+            grid = self.model.config.vision.grid
+            attention.extend(word_maps(self.tokenizer, i, m.cpu(), grid) for i, m in zip(ids, maps, strict=True))
         return [self.tokenizer.decode(i) for i in ids]

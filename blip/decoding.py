@@ -46,27 +46,43 @@ class DecodeConfig:
 
 
 @torch.inference_mode()
-def generate(model, pixel_values, prompt_ids: list[int], cfg: DecodeConfig, generator=None) -> list[list[int]]:
+def generate(model, pixel_values, prompt_ids: list[int], cfg: DecodeConfig, generator=None,
+             attention: list | None = None) -> list[list[int]]:
     """Caption a batch of images. prompt_ids: [DEC] + prompt tokens.
-    Returns the new token ids of each image, ending with [SEP] when the caption was finished."""
-    return generate_from(model, model.encode_image(pixel_values), prompt_ids, cfg, generator)
+    Returns the new token ids of each image, ending with [SEP] when the caption was finished.
+    attention: as in `generate_from`."""
+    return generate_from(model, model.encode_image(pixel_values), prompt_ids, cfg, generator, attention)
 
 
 @torch.inference_mode()
-def generate_from(model, image, prompt_ids: list[int], cfg: DecodeConfig, generator=None) -> list[list[int]]:
-    """`generate` for images already encoded: image (B, N, C) image tokens."""
+def generate_from(model, image, prompt_ids: list[int], cfg: DecodeConfig, generator=None,
+                  attention: list | None = None) -> list[list[int]]:
+    """`generate` for images already encoded: image (B, N, C) image tokens.
+
+    attention: when a list is given, it receives per image a (new tokens, N) tensor: for each new
+    token, where the decoder's cross-attention looked when it chose that token (the query of the
+    position before it), as probabilities over the N image tokens averaged over all layers and
+    heads. They come from this same decoding run, following the winning beam."""
     cfg.validate()
-    cache = model.new_cache(image)  # cross-attention keys/values, once per image
+    cache = model.new_cache(image, record=attention is not None)  # cross-attention keys/values, once per image
     B, K = image.shape[0], cfg.num_beams
     prompt = torch.tensor(prompt_ids, device=image.device).expand(B * K, -1)  # (B*K, P)
 
     def step(tokens):  # (B*K, t) new tokens -> (B*K, vocab) logits for the token after them
         return model.text_decoder(tokens, cache=cache)[:, -1].float()
 
+    def looked():  # (B*K, N): the last step's cross-attention of its last query, mean of layers and heads
+        return torch.stack([w[:, :, -1] for w in cache.weights]).float().mean(dim=(0, 2))
+
     text = model.config.text
+    trail = looked if attention is not None else None
     if K == 1:
-        return greedy_or_sample(step, prompt, cfg, text.sep_token_id, text.pad_token_id, generator)
-    return beam_search(step, cache.reorder, prompt, B, cfg, text.sep_token_id)
+        ids, maps = greedy_or_sample(step, prompt, cfg, text.sep_token_id, text.pad_token_id, generator, trail)
+    else:
+        ids, maps = beam_search(step, cache.reorder, prompt, B, cfg, text.sep_token_id, trail)
+    if attention is not None:
+        attention.extend(maps)
+    return ids
 
 
 def penalize(scores, seqs, n_new: int, cfg: DecodeConfig, sep: int) -> torch.Tensor:
@@ -98,11 +114,16 @@ def nucleus(logits, cfg: DecodeConfig) -> torch.Tensor:
     return logits
 
 
-def greedy_or_sample(step, prompt, cfg: DecodeConfig, sep: int, pad: int, generator=None) -> list[list[int]]:
+def greedy_or_sample(step, prompt, cfg: DecodeConfig, sep: int, pad: int, generator=None, looked=None):
+    """-> (new ids per sequence, and with `looked` (generate_from) each sequence's (new tokens, N)
+    attention maps, else None)."""
     B, P = prompt.shape
     seqs, done = prompt, torch.zeros(B, dtype=torch.bool, device=prompt.device)
     logits = step(prompt)
+    maps = []  # (B, N) per step, with looked
     for t in range(cfg.max_new_tokens):
+        if looked is not None:
+            maps.append(looked())
         scores = penalize(logits, seqs, t, cfg, sep)
         if cfg.sample:
             probs = nucleus(scores, cfg).softmax(dim=-1)
@@ -115,14 +136,20 @@ def greedy_or_sample(step, prompt, cfg: DecodeConfig, sep: int, pad: int, genera
         if done.all() or t + 1 == cfg.max_new_tokens:
             break
         logits = step(token[:, None])
-    return [_until_sep(s[P:].tolist(), sep) for s in seqs]
+    ids = [_until_sep(s[P:].tolist(), sep) for s in seqs]
+    if looked is None:
+        return ids, None
+    maps = torch.stack(maps, dim=1)  # (B, new tokens, N)
+    return ids, [maps[b, : len(i)] for b, i in enumerate(ids)]
 
 
-def beam_search(step, reorder, prompt, B: int, cfg: DecodeConfig, sep: int) -> list[list[int]]:
+def beam_search(step, reorder, prompt, B: int, cfg: DecodeConfig, sep: int, looked=None):
     """Keep the K best running beams per image by summed log-prob; a beam that ends ([SEP] or the
     length limit) among the top K candidates joins the image's K finished beams, scored by
     sum(log p) / length ** length_penalty. An image stops once its best running beam, scored at
-    the current length, cannot beat its worst finished beam (HF's early_stopping=False)."""
+    the current length, cannot beat its worst finished beam (HF's early_stopping=False).
+    Returns (new ids per image, and with `looked` each image's (new tokens, N) attention maps, which
+    travel with their beams as the ids do; else None)."""
     K, P = cfg.num_beams, prompt.shape[1]
     device = prompt.device
     running = prompt.view(B, K, P)  # (B, K, t): all beams start as the prompt ...
@@ -137,6 +164,10 @@ def beam_search(step, reorder, prompt, B: int, cfg: DecodeConfig, sep: int) -> l
     batch_offset = torch.arange(B, device=device)[:, None] * K
 
     logits = step(prompt)
+    if looked is not None:  # (B, K, new tokens, N) attention maps, kept like `running` and `finished`
+        N = looked().shape[-1]
+        maps = torch.zeros(B, K, 0, N, device=device)
+        finished_maps = torch.zeros(B, K, cfg.max_new_tokens, N, device=device)
     for t in range(cfg.max_new_tokens):
         logp = penalize(F.log_softmax(logits, dim=-1), running.view(B * K, -1), t, cfg, sep)  # (B*K, V)
         V = logp.shape[-1]
@@ -147,6 +178,9 @@ def beam_search(step, reorder, prompt, B: int, cfg: DecodeConfig, sep: int) -> l
         cand_seqs = torch.cat([running.gather(1, parent[:, :, None].expand(-1, -1, running.shape[2])),
                                token[:, :, None]], dim=2)  # (B, 2K, t+1)
         ends = (token == sep) | (t + 1 == cfg.max_new_tokens)
+        if looked is not None:  # each candidate: its parent's maps, then where the parent looked now
+            step_map = looked().view(B, K, N)
+            cand_maps = torch.cat([_take(maps, parent), _take(step_map, parent)[:, :, None]], dim=2)
 
         # finished beams: merge the candidates that end here into the K best so far
         offer = ends & top_k_mask & improvable[:, None]
@@ -157,11 +191,16 @@ def beam_search(step, reorder, prompt, B: int, cfg: DecodeConfig, sep: int) -> l
         finished_len = _take(torch.cat([finished_len, torch.full_like(token, t + 1)], dim=1), keep)
         finished_scores = _take(torch.cat([finished_scores, normed], dim=1), keep)
         is_finished = _take(torch.cat([is_finished, offer], dim=1), keep)
+        if looked is not None:
+            pad_maps = torch.zeros(B, 2 * K, cfg.max_new_tokens - t - 1, N, device=device)
+            finished_maps = _take(torch.cat([finished_maps, torch.cat([cand_maps, pad_maps], dim=2)], dim=1), keep)
 
         # running beams: the K best candidates that did not end
         live = cand_scores + ends.float() * NEG
         best = live.topk(K, dim=-1).indices  # (B, K)
         running_scores, running = _take(live, best), _take(cand_seqs, best)
+        if looked is not None:
+            maps = _take(cand_maps, best)
         reorder((_take(parent, best) + batch_offset).view(-1))
 
         # can a running beam still beat the worst finished one, scored at today's length?
@@ -171,7 +210,10 @@ def beam_search(step, reorder, prompt, B: int, cfg: DecodeConfig, sep: int) -> l
         if not improvable.any() or t + 1 == cfg.max_new_tokens:
             break
         logits = step(running[:, :, -1].reshape(B * K, 1))
-    return [finished[b, 0, P : P + finished_len[b, 0]].tolist() for b in range(B)]
+    ids = [finished[b, 0, P : P + finished_len[b, 0]].tolist() for b in range(B)]
+    if looked is None:
+        return ids, None
+    return ids, [finished_maps[b, 0, : finished_len[b, 0]] for b in range(B)]
 
 
 def _take(x, index):

@@ -43,9 +43,10 @@ class BlipCaptioner(nn.Module):
         image_embeds = self.encode_image(pixel_values)
         return self.text_decoder(input_ids, attention_mask, image_embeds)
 
-    def new_cache(self, image_embeds: torch.Tensor) -> KVCache:
-        """A decoding cache holding each layer's cross-attention keys/values for these images."""
-        return self.text_decoder.new_cache(image_embeds)
+    def new_cache(self, image_embeds: torch.Tensor, record: bool = False) -> KVCache:
+        """A decoding cache holding each layer's cross-attention keys/values for these images (and,
+        with record, each step's cross-attention probabilities)."""
+        return self.text_decoder.new_cache(image_embeds, record)
 
     def loss(self, pixel_values, input_ids, attention_mask=None, prompt_length: int = 0) -> torch.Tensor:
         """BLIP's captioning loss for a batch of `[DEC] prompt caption [SEP] [PAD]...` sequences."""

@@ -36,20 +36,30 @@ class Attention(nn.Module):
     def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_heads(self.key(source)), self.split_heads(self.value(source))
 
-    def forward(self, x, k, v, mask=None, is_causal=False) -> torch.Tensor:
+    def forward(self, x, k, v, mask=None, is_causal=False, weights: list | None = None) -> torch.Tensor:
         """x: (B, T, C) queries; k, v: (Bk, heads, S, hd) with B = G * Bk.
 
         G > 1 when G sequences share one set of keys/values (the beams of one image share its
         cross-attention keys/values): their queries are folded into one longer query axis, so
         the keys/values are never copied per sequence. Masks only occur with G = 1.
+
+        weights: when a list is given, the attention probabilities (B, heads, T, S) are appended to
+        it. SDPA does not return them, so then attention is computed explicitly: softmax(q kᵀ / √hd) v.
         """
         B, T, C = x.shape
         Bk, H, S, hd = k.shape
         G = B // Bk
         q = self.split_heads(self.query(x))  # (B, heads, T, hd)
         q = q.view(Bk, G, H, T, hd).transpose(1, 2).reshape(Bk, H, G * T, hd)  # (Bk, heads, G*T, hd)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
+        if weights is None:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
+        else:  # the same maths, keeping the probabilities (only masks-free, as in decoding)
+            if mask is not None or is_causal:
+                raise ValueError("attention weights are recorded for unmasked (cross-)attention only")
+            probs = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)  # (Bk, heads, G*T, S)
+            weights.append(probs.view(Bk, H, G, T, S).transpose(1, 2).reshape(B, H, T, S))
+            y = probs @ v  # (Bk, heads, G*T, hd)
         y = y.view(Bk, H, G, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 
@@ -79,14 +89,15 @@ class TextLayer(nn.Module):
         self.norm3 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, is_causal, image_kv=None, past_kv=None):
-        """x: (B, T, C). image_kv: this layer's image keys/values. past_kv: a KVCache slot or None."""
+    def forward(self, x, mask, is_causal, image_kv=None, past_kv=None, weights=None):
+        """x: (B, T, C). image_kv: this layer's image keys/values. past_kv: a KVCache slot or None.
+        weights: a list that receives the cross-attention probabilities (Attention.forward), or None."""
         k, v = self.self_attn.keys_values(x)  # (B, heads, T, hd)
         if past_kv is not None:
             k, v = past_kv.append(k, v)  # (B, heads, past + T, hd)
         x = self.norm1(x + self.drop(self.self_attn(x, k, v, mask, is_causal)))
         if self.cross_attn is not None:
-            x = self.norm2(x + self.drop(self.cross_attn(x, *image_kv)))
+            x = self.norm2(x + self.drop(self.cross_attn(x, *image_kv, weights=weights)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
 
@@ -133,9 +144,11 @@ class KVCache:
     """What decoding keeps between steps: past self-attention keys/values per layer, and the
     image's cross-attention keys/values per layer, computed once per image (not per beam)."""
 
-    def __init__(self, layers: list, image_kv: list):
+    def __init__(self, layers: list, image_kv: list, record: bool = False):
         self.layers = layers  # [LayerCache] * depth
         self.image_kv = image_kv  # [(k, v)] * depth, each (B_images, heads, N, hd)
+        self.record = record  # keep the cross-attention probabilities of each step?
+        self.weights = None  # with record: the last step's, [(B, heads, T, N)] * depth
 
     @property
     def length(self) -> int:
@@ -160,11 +173,12 @@ class TextTransformer(nn.Module):
         self.layers = nn.ModuleList(TextLayer(cfg, cross) for _ in range(cfg.depth))
         self.recompute = "none"  # in training: what backward keeps (blip/recompute.py)
 
-    def new_cache(self, image_embeds: torch.Tensor) -> KVCache:
-        """An empty cache for decoding from `image_embeds` (B_images, N, C_image)."""
+    def new_cache(self, image_embeds: torch.Tensor, record: bool = False) -> KVCache:
+        """An empty cache for decoding from `image_embeds` (B_images, N, C_image); with record, each
+        step also keeps its cross-attention probabilities (`KVCache.weights`)."""
         # contiguous: every step reads all of them, and strided keys/values read ~1.4x slower
         image_kv = [tuple(t.contiguous() for t in layer.cross_attn.keys_values(image_embeds)) for layer in self.layers]
-        return KVCache([LayerCache() for _ in self.layers], image_kv)
+        return KVCache([LayerCache() for _ in self.layers], image_kv, record)
 
     def self_attention_mask(self, attention_mask, T: int, past: int):
         """Returns (mask, is_causal) for SDPA. attention_mask: (B, past + T), 1 = token, 0 = pad."""
@@ -189,14 +203,20 @@ class TextTransformer(nn.Module):
         past = cache.length if cache is not None else 0
         x = self.embeddings(input_ids, start=past)
         mask, is_causal = self.self_attention_mask(attention_mask, T, past)
+        recording = cache is not None and cache.record
+        if recording:
+            cache.weights = []
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 image_kv, past_kv = cache.image_kv[i], cache.layers[i]
             else:
                 image_kv = layer.cross_attn.keys_values(image_embeds) if layer.cross_attn else None
                 past_kv = None
-            x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv,
-                              mode=self.recompute if self.training else "none")
+            if recording:
+                x = layer(x, mask, is_causal, image_kv, past_kv, weights=cache.weights)
+            else:
+                x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv,
+                                  mode=self.recompute if self.training else "none")
         return x
 
 

@@ -127,6 +127,21 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def words(self, ids) -> list[tuple[str, list[int]]]:
+        """The words of a caption as `decode` writes them, each with the positions of its tokens:
+        word pieces and the punctuation decoding attaches ("beach ," -> "beach,") join their word;
+        special tokens belong to none. [a, ##bc, ",", d] -> [("abc,", [0, 1, 2]), ("d", [3])]."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        positions = []
+        for i, token_id in enumerate(ids):
+            if not self.decode([token_id]):
+                continue  # a special token
+            if len(self.decode(ids[: i + 1]).split()) > len(positions):
+                positions.append([i])
+            elif positions:
+                positions[-1].append(i)
+        return list(zip(self.decode(ids).split(), positions, strict=True))
+
     def to_hf_config(self) -> dict:
         """tokenizer_config.json contents that let HF's BertTokenizerFast load tokenizer.json."""
         return {

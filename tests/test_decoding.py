@@ -81,12 +81,18 @@ class Chain:
 
     def __init__(self):
         self.reorders = 0
+        self.last = None
 
     def step(self, tokens):
-        return TABLE[tokens[:, -1]].log()  # log-probs are valid logits
+        self.last = tokens[:, -1]
+        return TABLE[self.last].log()  # log-probs are valid logits
 
     def reorder(self, index):
         self.reorders += 1
+
+    def looked(self):
+        """An "attention map" per sequence that names the token it last saw: one-hot over 5 places."""
+        return torch.nn.functional.one_hot(self.last, 5).float()
 
 
 def best_caption(min_new: int, max_new: int) -> list[int]:
@@ -118,13 +124,24 @@ def test_beam_search_finds_the_best_caption(min_new, max_new, expected):
     chain = Chain()
     prompt = torch.full((2 * 3, 1), DEC)  # two images, three beams each
     cfg = DecodeConfig(num_beams=3, min_new_tokens=min_new, max_new_tokens=max_new)
-    assert beam_search(chain.step, chain.reorder, prompt, 2, cfg, SEP) == [expected, expected]
+    ids, maps = beam_search(chain.step, chain.reorder, prompt, 2, cfg, SEP)
+    assert ids == [expected, expected] and maps is None
     assert chain.reorders >= 1
+    # attention maps travel with the winning beam: each new token's map is the one of the step that
+    # chose it, which had just seen the token before it
+    chain = Chain()
+    ids, maps = beam_search(chain.step, chain.reorder, prompt, 2, cfg, SEP, chain.looked)
+    assert ids == [expected, expected]
+    for m in maps:
+        assert m.shape == (len(expected), 5) and m.argmax(dim=1).tolist() == [DEC, *expected[:-1]]
 
 
 def test_greedy_misses_what_beam_search_finds():
-    greedy = greedy_or_sample(Chain().step, torch.full((1, 1), DEC), DecodeConfig(max_new_tokens=6), SEP, DEC)
+    chain = Chain()
+    greedy, maps = greedy_or_sample(chain.step, torch.full((1, 1), DEC), DecodeConfig(max_new_tokens=6), SEP, DEC,
+                                    looked=chain.looked)
     assert greedy[0][0] == A and greedy[0] != [B, SEP]
+    assert maps[0].argmax(dim=1).tolist() == [DEC, *greedy[0][:-1]]
 
 
 # --- sampling ---------------------------------------------------------------------------------

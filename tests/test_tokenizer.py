@@ -75,6 +75,17 @@ def test_decode_matches_hf(vocab_dir, tokenizer):
     assert tokenizer.decode(torch.tensor(tokenizer.encode_caption("a red dog"))) == "a red dog"
 
 
+def test_words_group_pieces_as_decode_writes_them(tokenizer):
+    text = "a snowboarder's jump, over the riverbank."
+    ids = tokenizer.encode_caption(text)  # [DEC] ... [SEP]
+    words = tokenizer.words(ids)
+    assert [w for w, _ in words] == tokenizer.decode(ids).split()
+    positions = [i for _, p in words for i in p]
+    shown = [i for i, t in enumerate(ids) if tokenizer.decode([t])]  # all but special tokens ([UNK] too)
+    assert positions == shown and ids[0] == tokenizer.dec_id and len(ids) - 1 not in shown
+    assert any(len(p) > 1 for _, p in words)  # some word is made of several pieces
+
+
 def test_bad_tokenizer_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         Tokenizer.from_file(tmp_path)
