@@ -21,6 +21,7 @@ from blip.captioner import Captioner
 from blip.checkpoint import CheckpointError
 from blip.decoding import DecodeConfig
 from blip.image import IMAGE_SUFFIXES, ImageError, load_image
+from blip.trace import Trace
 
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
 
@@ -59,6 +60,8 @@ def parse_args(argv=None):
                    help="text: 'PATH: caption' lines; jsonl: {\"image\": PATH, \"caption\": TEXT} lines; "
                    "csv: image,caption rows (default: text)")
     p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output")
+    p.add_argument("--trace", action="store_true",
+                   help="print (to standard error) each stage an image goes through, with its tensors' shapes")
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="also draw where the decoder looked for each word (one panel per word) to OUT.png; with "
                    "several images, OUT-<image name>.png each")
@@ -162,7 +165,11 @@ def main(argv=None) -> int:
             if not batch:
                 continue
             maps = [] if args.attention_map else None
-            captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator, attention=maps)
+            with Trace(captioner.model, captioner.tokenizer) if args.trace else nullcontext() as trace:
+                captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator,
+                                             attention=maps)
+            if trace is not None:
+                tqdm.write("\n".join(trace.lines), file=sys.stderr)
             for i, ((path, im), caption) in enumerate(zip(batch, captions, strict=True)):
                 writer.write(path, caption)
                 if maps is not None:

@@ -127,6 +127,10 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def pieces(self, ids) -> str:
+        """Ids as their word pieces, special tokens included: "[DEC] a picture of"."""
+        return " ".join(self._tok.id_to_token(i) for i in ids)
+
     def words(self, ids) -> list[tuple[str, list[int]]]:
         """The words of a caption as `decode` writes them, each with the positions of its tokens:
         word pieces and the punctuation decoding attaches ("beach ," -> "beach,") join their word;

@@ -105,3 +105,35 @@ def test_cli_attention_map_draws_and_keeps_captions(hf_taught, photos, tmp_path,
     args = [*map(str, photos), "--checkpoint", str(folder), "--attention-map", str(tmp_path / "all.png")]
     assert caption.main(args) == 0
     assert sorted(p.name for p in tmp_path.glob("all-*.png")) == sorted(f"all-{p.stem}.png" for p in photos)
+
+
+@pytest.mark.parametrize("preset, shapes", [
+    ("tiny", ["(1, 3, 64, 64)", "(1, 64, 128)", "(1, 65, 128)", "2 layers x (keys, values) x (1, 4, 65, 32)",
+              "q (3, 1, 128)"]),
+    ("base", ["(1, 3, 384, 384)", "(1, 576, 768)", "(1, 577, 768)", "12 layers x (keys, values) x (1, 12, 577, 64)",
+              "q (3, 1, 768)"]),
+])
+def test_trace_lists_the_real_shapes(tokenizer, photos, preset, shapes):
+    """--trace, read from the model's own tensors: the stages of one image, and one line per decoding
+    step (beam 3: three rows, then one new token each), as many as the caption's tokens."""
+    from blip.config import PRESETS
+    from blip.trace import Trace
+
+    torch.manual_seed(0)
+    model = BlipCaptioner(with_tokenizer(PRESETS[preset](), tokenizer))
+    captioner = Captioner(model, tokenizer)
+    with Trace(model, tokenizer) as trace:
+        captioner.caption([photos[0]], "a picture of ", num_beams=3, max_new_tokens=4, min_new_tokens=4)
+    text = "\n".join(trace.lines)
+    for s in shapes:
+        assert s in text, s
+    stages = [line.split()[0] for line in trace.lines]
+    assert stages[:5] == ["pixels", "patches", "+", "ViT", "image"]
+    assert sum(line.startswith("  step") for line in trace.lines) == 4  # the prompt, then 3 new tokens
+
+
+def test_cli_trace(hf_taught, photos, capsys):
+    _, folder = hf_taught
+    assert caption.main([str(photos[0]), "--checkpoint", str(folder), "--trace"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(str(photos[0])) and "pixels" in err and "step 0" in err

@@ -1,0 +1,89 @@
+"""`caption.py img.jpg --trace`: what happens to an image on its way to a caption, stage by stage, with
+the shapes the tensors really have (read by forward hooks while the caption is made, not computed).
+
+    with Trace(model, tokenizer) as trace:
+        captioner.caption([image])
+    print("\\n".join(trace.lines))
+"""
+
+from .tokenizer import Tokenizer
+
+
+def shape(t) -> str:
+    return "(" + ", ".join(str(n) for n in t.shape) + ")"
+
+
+class Trace:
+    """Collects one line per stage: pixels, patches, ViT blocks, image tokens, the decoder's image
+    keys/values, then per decoding step its input tokens, cache length, cross-attention and logits."""
+
+    def __init__(self, model, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.lines, self.hooks, self.step = [], [], 0
+
+    def say(self, stage: str, what: str):
+        self.lines.append(f"{stage:<24s} {what}")
+
+    def __enter__(self):
+        vit, decoder = self.model.visual_encoder, self.model.text_decoder
+        v = vit.cfg
+
+        def pixels(module, args):
+            self.say("pixels", shape(args[0]))
+
+        def patches(module, args, out):
+            p = v.patch_size
+            self.say("patches", f"{shape(out)}  conv {p}x{p}, stride {p}: a {v.grid} x {v.grid} grid, "
+                     f"each patch a {v.width}-vector")
+
+        def tokens(module, args):
+            self.say("+ class token, positions", shape(args[0]))
+
+        def blocks(module, args, out):
+            self.say(f"ViT blocks x {len(vit.blocks)}", f"{shape(out)}  each: LayerNorm, self-attention "
+                     f"({v.heads} heads), LayerNorm, MLP {v.width}->{v.mlp_dim}->{v.width}")
+
+        def image_tokens(module, args, out):
+            self.say("image tokens", f"{shape(out)}  after the final LayerNorm")
+
+        self.hooks = [
+            vit.register_forward_pre_hook(pixels),
+            vit.patch_embed.register_forward_hook(patches),
+            vit.blocks[0].register_forward_pre_hook(tokens),
+            vit.blocks[-1].register_forward_hook(blocks),
+            vit.norm.register_forward_hook(image_tokens),
+            decoder.register_forward_pre_hook(self.decoder_step, with_kwargs=True),
+            decoder.layers[0].cross_attn.register_forward_hook(self.cross_attention),
+            decoder.head.register_forward_hook(self.logits),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return False
+
+    def decoder_step(self, module, args, kwargs):
+        cache, tokens = kwargs.get("cache"), args[0]
+        if cache is None:
+            return
+        if cache.length == 0:
+            k = cache.image_kv[0][0]
+            self.say("cross-attention k/v", f"{len(cache.image_kv)} layers x (keys, values) x {shape(k)}: "
+                     "(images, heads, image tokens, head width), once per image, shared by its beams")
+            self.say("decoder steps", "input ids (one row per beam), self-attention cache length, "
+                     "cross-attention queries, logits")
+        rows = tokens.tolist()
+        words = " | ".join(self.tokenizer.pieces(row) for row in rows[:4]) + (" | ..." if len(rows) > 4 else "")
+        cached = cache.length
+        self.current = f"{shape(tokens):<8s} {words:<34s} cache {cached:>2d} -> {cached + tokens.shape[1]:<3d}"
+
+    def cross_attention(self, module, args, out):
+        if hasattr(self, "current"):
+            self.current += f" q {shape(args[0])}"
+
+    def logits(self, module, args, out):
+        if hasattr(self, "current"):
+            self.say(f"  step {self.step}", f"{self.current} logits {shape(out)}")
+            self.step += 1
+            del self.current
