@@ -64,8 +64,10 @@ def parse_args(argv=None):
                    help="print (to standard error) each stage an image goes through, with its tensors' shapes")
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="also draw where the decoder looked for each word (one panel per word) to OUT.png; with "
-                   "several images, OUT-<image name>.png each")
+                   "several images, OUT-<image name>.png each (OUT-<n>-<image name>.png when names repeat)")
     args = p.parse_args(argv)
+    if args.attention_map and not Path(args.attention_map).parent.is_dir():
+        p.error(f"--attention-map: no folder {Path(args.attention_map).parent} to write into")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     if args.repetition_penalty is None:
@@ -124,10 +126,16 @@ class Writer:
         self.out.flush()
 
 
-def map_path(out: str, image: Path, n_images: int) -> Path:
-    """Where --attention-map draws an image's map: OUT itself, or OUT-<image name>.png for several."""
+def map_paths(out: str, images: list[Path]) -> dict[Path, Path]:
+    """Where --attention-map draws each image's map (PNG unless OUT names another format): OUT for
+    one image; for several, OUT-<image name>.png, or OUT-<n>-<image name>.png when names repeat."""
     out = Path(out)
-    return out if n_images == 1 else out.with_name(f"{out.stem}-{image.stem}{out.suffix or '.png'}")
+    suffix = out.suffix or ".png"
+    if len(images) == 1:
+        return {images[0]: out.with_suffix(suffix)}
+    unique = len({p.stem.lower() for p in images}) == len(images)
+    return {p: out.with_name(f"{out.stem}-{p.stem if unique else f'{i + 1}-{p.stem}'}{suffix}")
+            for i, p in enumerate(images)}
 
 
 def main(argv=None) -> int:
@@ -151,6 +159,7 @@ def main(argv=None) -> int:
     failed = len(problems)
     opened = open(args.output, "w", newline="", encoding="utf-8") if args.output else nullcontext(sys.stdout)
     generator = captioner.generator(args.seed)  # one random stream for the whole run
+    map_out = map_paths(args.attention_map, files) if args.attention_map else {}
     with opened as out, tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as bar:
         writer = Writer(out, args.format)
         for start in range(0, len(files), args.batch_size):
@@ -169,11 +178,12 @@ def main(argv=None) -> int:
                 captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator,
                                              attention=maps)
             if trace is not None:
-                tqdm.write("\n".join(trace.lines), file=sys.stderr)
+                names = ", ".join(str(path) for path, _ in batch)
+                tqdm.write("\n".join([f"trace of {names}", *trace.lines]), file=sys.stderr)
             for i, ((path, im), caption) in enumerate(zip(batch, captions, strict=True)):
                 writer.write(path, caption)
                 if maps is not None:
-                    draw(im, *maps[i]).save(map_path(args.attention_map, path, len(files)))
+                    draw(im, *maps[i]).save(map_out[path])
             bar.update(len(batch))
     if failed:
         print(f"{failed} of {len(files) + len(problems)} inputs could not be captioned (named above)", file=sys.stderr)

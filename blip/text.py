@@ -44,22 +44,21 @@ class Attention(nn.Module):
         the keys/values are never copied per sequence. Masks only occur with G = 1.
 
         weights: when a list is given, the attention probabilities (B, heads, T, S) are appended to
-        it. SDPA does not return them, so then attention is computed explicitly: softmax(q kᵀ / √hd) v.
+        it. SDPA does not return them, so they are computed again beside it, softmax(q kᵀ / √hd) in
+        fp32: the output stays SDPA's, so asking for them changes no caption.
         """
         B, T, C = x.shape
         Bk, H, S, hd = k.shape
         G = B // Bk
         q = self.split_heads(self.query(x))  # (B, heads, T, hd)
         q = q.view(Bk, G, H, T, hd).transpose(1, 2).reshape(Bk, H, G * T, hd)  # (Bk, heads, G*T, hd)
-        if weights is None:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
-        else:  # the same maths, keeping the probabilities (only masks-free, as in decoding)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
+        if weights is not None:  # unmasked (cross-)attention only, as in decoding
             if mask is not None or is_causal:
                 raise ValueError("attention weights are recorded for unmasked (cross-)attention only")
-            probs = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)  # (Bk, heads, G*T, S)
+            probs = ((q.float() * hd**-0.5) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (Bk, heads, G*T, S)
             weights.append(probs.view(Bk, H, G, T, S).transpose(1, 2).reshape(B, H, T, S))
-            y = probs @ v  # (Bk, heads, G*T, hd)
         y = y.view(Bk, H, G, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 

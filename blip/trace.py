@@ -46,16 +46,12 @@ class Trace:
         def image_tokens(module, args, out):
             self.say("image tokens", f"{shape(out)}  after the final LayerNorm")
 
-        self.hooks = [
-            vit.register_forward_pre_hook(pixels),
-            vit.patch_embed.register_forward_hook(patches),
-            vit.blocks[0].register_forward_pre_hook(tokens),
-            vit.blocks[-1].register_forward_hook(blocks),
-            vit.norm.register_forward_hook(image_tokens),
-            decoder.register_forward_pre_hook(self.decoder_step, with_kwargs=True),
-            decoder.layers[0].cross_attn.register_forward_hook(self.cross_attention),
-            decoder.head.register_forward_hook(self.logits),
-        ]
+        for module, hook in [(vit, pixels), (vit.blocks[0], tokens)]:
+            self.hooks.append(module.register_forward_pre_hook(hook))
+        self.hooks.append(decoder.register_forward_pre_hook(self.decoder_step, with_kwargs=True))
+        for module, hook in [(vit.patch_embed, patches), (vit.blocks[-1], blocks), (vit.norm, image_tokens),
+                             (decoder.layers[0].cross_attn, self.cross_attention), (decoder.head, self.logits)]:
+            self.hooks.append(module.register_forward_hook(hook))  # each kept at once: __exit__ removes them all
         return self
 
     def __exit__(self, *exc):
