@@ -48,6 +48,7 @@ class TextConfig:
 class BlipConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # BlipRetrieval: width of the image and text features ITC compares
     label_smoothing: float = 0.1  # BLIP's captioning loss smooths labels by 0.1
     prompt: str = "a picture of "  # BLIP prepends this to captions; its tokens are not trained on
 

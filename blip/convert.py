@@ -6,7 +6,7 @@ renamed by it or listed in IGNORED, every shape is checked, and anything else is
 import json
 import pickle
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,17 +74,48 @@ IGNORED = [
 HF, ORIGINAL, OURS = 0, 1, 2
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Every weight name of one model kind: the renaming table, tied pairs, names to skip."""
+
+    table: list
+    tied: dict
+    ignored: list
+
+
+def _as_encoder(name: str | None) -> str | None:
+    """A text-decoder name in TABLE -> the text encoder's (same BERT layers, under text_encoder.)."""
+    return name and name.replace("text_decoder.bert.", "text_encoder.").replace("text_decoder.", "text_encoder.")
+
+
+CAPTIONER = Layout(TABLE, TIED, IGNORED)
+# BlipRetrieval: the ViT, the text encoder (the decoder's rows, renamed; no LM head), ITC/ITM heads;
+# HF BlipForImageTextRetrieval and the original models/blip_retrieval.py name them alike
+RETRIEVAL = Layout(
+    table=[tuple(_as_encoder(n) for n in row) for row in TABLE if ".cls." not in row[HF]]
+    + [(f"{name}.{{p}}", None, f"{name}.{{p}}") for name in ("vision_proj", "text_proj", "itm_head")],
+    tied={},
+    ignored=[
+        r"text_encoder\.embeddings\.position_ids",  # a buffer older transformers saved
+        # the rest of an original retrieval checkpoint: momentum encoders and projections, queues, temperature
+        r"(visual_encoder_m|text_encoder_m)\..*",
+        r"(vision_proj_m|text_proj_m)\.(weight|bias)",
+        r"temp|image_queue|text_queue|idx_queue|ptr_queue",
+    ],
+)
+
+
 def _pattern(template: str) -> re.Pattern:
     rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
     return re.compile(rx)
 
 
-def rename(state: dict, src: int, dst: int, source: str) -> dict:
-    """Rename every key of `state` from column `src` of TABLE to column `dst`."""
-    rows = [(row[src] or row[HF], row[dst] or row[HF]) for row in TABLE]
+def rename(state: dict, src: int, dst: int, source: str, layout: Layout = CAPTIONER) -> dict:
+    """Rename every key of `state` from column `src` of the layout's table to column `dst`."""
+    rows = [(row[src] or row[HF], row[dst] or row[HF]) for row in layout.table]
     rules = [(_pattern(a), b) for a, b in rows]
-    tied = TIED if src != OURS else {}
-    ignored = [re.compile(p) for p in IGNORED] if src != OURS else []
+    tied = layout.tied if src != OURS else {}
+    ignored = [re.compile(p) for p in layout.ignored] if src != OURS else []
     out = {}
     for key, value in state.items():
         if key in tied:
@@ -99,12 +130,12 @@ def rename(state: dict, src: int, dst: int, source: str) -> dict:
         else:
             raise CheckpointError(f"{source}: unknown weight {key}")
     if src != OURS:
-        check_tied(state, source)
+        check_tied(state, source, layout.tied)
     return out
 
 
-def check_tied(state: dict, source: str):
-    for key, twin in TIED.items():
+def check_tied(state: dict, source: str, tied: dict = TIED):
+    for key, twin in tied.items():
         if key in state and twin in state and not torch.equal(state[key], state[twin]):
             raise CheckpointError(f"{source}: {key} differs from {twin}, but BLIP ties them")
 

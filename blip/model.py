@@ -14,7 +14,7 @@ from torch import nn
 
 from . import recompute
 from .config import BlipConfig
-from .text import KVCache, TextDecoder
+from .text import KVCache, TextDecoder, TextEncoder
 from .vit import VisionTransformer
 
 IGNORE = -100  # label of a position the loss skips (pads, prompt)
@@ -65,6 +65,35 @@ class BlipCaptioner(nn.Module):
         from .checkpoint import save_model
 
         save_model(self, folder, tokenizer)
+
+
+class BlipRetrieval(nn.Module):
+    """BLIP's image-text matching (ITM) and image-text contrast (ITC), section 3.1: the ViT, the
+    image-grounded text encoder, ITC's projections and the ITM head. Matches HF
+    `BlipForImageTextRetrieval` (use_itm_head=True: `itm`, False: `itc`)."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = TextEncoder(config.text)
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.width, config.embed_dim)
+        self.itm_head = nn.Linear(config.text.width, 2)  # logits of (no match, match)
+
+    def itm(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B,) probability that text b describes image b: the ITM head on the first token of the
+        text encoder reading the image (pixel_values (B, 3, H, W), input_ids (B, T))."""
+        image = self.visual_encoder(pixel_values)  # (B, N, C_img)
+        text = self.text_encoder(input_ids, attention_mask, image)  # (B, T, C)
+        return self.itm_head(text[:, 0]).softmax(dim=-1)[:, 1]
+
+    def itc(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B_images, B_texts) cosine similarity of every image with every text: the projected first
+        tokens of the ViT and of the text encoder, each alone (no cross-attention)."""
+        image = F.normalize(self.vision_proj(self.visual_encoder(pixel_values)[:, 0]), dim=-1)  # (B_img, D)
+        text = F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]), dim=-1)  # (B_txt, D)
+        return image @ text.t()
 
 
 def caption_labels(input_ids, attention_mask, prompt_length: int, bos_token_id: int) -> torch.Tensor:

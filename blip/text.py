@@ -95,7 +95,7 @@ class TextLayer(nn.Module):
         if past_kv is not None:
             k, v = past_kv.append(k, v)  # (B, heads, past + T, hd)
         x = self.norm1(x + self.drop(self.self_attn(x, k, v, mask, is_causal)))
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and image_kv is not None:  # no image: text alone (ITC's text encoder)
             x = self.norm2(x + self.drop(self.cross_attn(x, *image_kv, weights=weights)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
@@ -209,7 +209,8 @@ class TextTransformer(nn.Module):
             if cache is not None:
                 image_kv, past_kv = cache.image_kv[i], cache.layers[i]
             else:
-                image_kv = layer.cross_attn.keys_values(image_embeds) if layer.cross_attn else None
+                reads_image = layer.cross_attn is not None and image_embeds is not None
+                image_kv = layer.cross_attn.keys_values(image_embeds) if reads_image else None
                 past_kv = None
             if recording:
                 x = layer(x, mask, is_causal, image_kv, past_kv, weights=cache.weights)
@@ -232,6 +233,17 @@ class LMHead(nn.Module):
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
         return linear(x, word_embeddings, self.bias, self.packed)  # (B, T, vocab)
+
+
+class TextEncoder(TextTransformer):
+    """BLIP's image-grounded text encoder: bidirectional self-attention, then cross-attention to the
+    image tokens when they are given (image-text matching), none when not (the text features of
+    image-text contrast). Its first token's state sums up the text."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg, causal=False, cross=True)
+        if not self.embeddings.word.weight.is_meta:  # on the meta device there is nothing to draw
+            self.apply(_init_weights)
 
 
 class TextDecoder(TextTransformer):
