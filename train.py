@@ -37,7 +37,6 @@ from blip import recompute
 from blip.captioner import cpu_has_bf16
 from blip.checkpoint import (
     CheckpointError,
-    load_model,
     load_tokenizer,
     load_training_state,
     optimizer_tensors,
@@ -284,7 +283,7 @@ def main(argv=None) -> int:
     config = replace(config, text=replace(config.text, dropout=args.dropout),
                      label_smoothing=args.label_smoothing, prompt=args.prompt)
     torch.manual_seed(args.seed)
-    model = BlipCaptioner(config) if init is None else load_model(init, config=config)
+    model = BlipCaptioner(config) if init is None else BlipCaptioner.from_pretrained(init, config=config)
     model.to(device).train()
     if args.freeze_vision:
         model.visual_encoder.requires_grad_(False)

@@ -10,9 +10,10 @@ from dataclasses import replace
 import torch
 
 from .attention_map import word_maps
-from .checkpoint import load_model, load_tokenizer
+from .checkpoint import load_tokenizer
 from .decoding import DecodeConfig, generate
 from .image import load_image, preprocess
+from .model import BlipCaptioner
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,7 +55,7 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto") -> "Captioner":
         device = pick_device(device)
-        return cls(load_model(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+        return cls(BlipCaptioner.from_pretrained(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
 
     @property
     def image_size(self) -> int:

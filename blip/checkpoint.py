@@ -1,7 +1,7 @@
 """Our checkpoint folder: plain data, loadable without running any code.
 
-    config.json         BlipConfig as JSON (plus "architecture": "BlipCaptioner")
-    model.safetensors   the weights, named as in BlipCaptioner.state_dict()
+    config.json         BlipConfig as JSON, plus "architecture": "BlipCaptioner" or "BlipRetrieval"
+    model.safetensors   the weights, named as in that model's state_dict()
     tokenizer.json      the `tokenizers` file, [DEC]/[ENC] included
     training.json       train.py's loop state (step, settings, ...), in its `last/` folder only
     training.safetensors   ... and its tensors: optimizer moments, random-number streams
@@ -23,7 +23,7 @@ from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 STATE, STATE_TENSORS = "training.json", "training.safetensors"
-ARCHITECTURE = "BlipCaptioner"
+ARCHITECTURES = ("BlipCaptioner", "BlipRetrieval")  # what config.json's "architecture" may say
 
 
 class CheckpointError(ValueError):
@@ -33,7 +33,7 @@ class CheckpointError(ValueError):
 def save_model(model, folder, tokenizer: Tokenizer | None = None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": ARCHITECTURE, **model.config.to_dict()}
+    config = {"architecture": type(model).__name__, **model.config.to_dict()}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
@@ -41,15 +41,19 @@ def save_model(model, folder, tokenizer: Tokenizer | None = None):
         tokenizer.save(folder / TOKENIZER)
 
 
-def read_config(folder) -> BlipConfig:
+def read_config(folder, architecture: str = "BlipCaptioner") -> BlipConfig:
+    """The folder's config, which must be of an `architecture` model."""
     path = _need(Path(folder), CONFIG)
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict) or d.pop("architecture", None) != ARCHITECTURE:
+    found = d.pop("architecture", None) if isinstance(d, dict) else None
+    if found in ARCHITECTURES and found != architecture:
+        raise CheckpointError(f"{path}: holds a {found} model, not the {architecture} this needs")
+    if found != architecture:
         raise CheckpointError(
-            f"{path}: not a {ARCHITECTURE} checkpoint (convert HF or original BLIP weights with convert_weights.py)"
+            f"{path}: not a {architecture} checkpoint (convert HF or original BLIP weights with convert_weights.py)"
         )
     try:
         return BlipConfig.from_dict(d)
@@ -57,13 +61,11 @@ def read_config(folder) -> BlipConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(folder, map_location="cpu", config: BlipConfig | None = None):
-    """The folder's model; `config` (default: the folder's own) may change what weights do not
-    fix, such as dropout."""
-    from .model import BlipCaptioner
-
+def load_model(folder, model_class, map_location="cpu", config: BlipConfig | None = None):
+    """The folder's `model_class` model (BlipCaptioner, BlipRetrieval); `config` (default: the
+    folder's own) may change what weights do not fix, such as dropout."""
     folder = Path(folder)
-    config = config or read_config(folder)
+    config = config or read_config(folder, model_class.__name__)
     path = _need(folder, WEIGHTS)
     try:
         state = load_file(str(path), device=str(map_location))
@@ -74,7 +76,7 @@ def load_model(folder, map_location="cpu", config: BlipConfig | None = None):
     # weights are never in memory twice. They are the file's pages, mapped copy-on-write: our writers
     # always write a new file (replace_folder), never over a mapped one.
     with torch.device("meta"):
-        model = BlipCaptioner(config)
+        model = model_class(config)
     expected = model.state_dict()
     check_state_dict(state, expected, str(path))
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # a bf16 file still loads as fp32

@@ -14,9 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from .checkpoint import CheckpointError, check_state_dict, load_model, load_tokenizer
+from .checkpoint import CheckpointError, check_state_dict, load_tokenizer
 from .config import BlipConfig, TextConfig, VisionConfig
 from .image import CLIP_MEAN, CLIP_STD
+from .model import BlipCaptioner
 from .tokenizer import Tokenizer, write_hf_files
 
 # HF name | original BLIP name (None: same as HF) | our name.
@@ -321,8 +322,6 @@ def resize_positions(config: BlipConfig, state: dict, image_size: int) -> BlipCo
 
 def convert(src, out, tokenizer_path=None, image_size=None):
     """Convert an HF snapshot or original BLIP file into our checkpoint folder `out`."""
-    from .model import BlipCaptioner
-
     src = Path(src)
     config, state, tokenizer = load_source(src, tokenizer_path)
     if image_size and image_size != config.vision.image_size:
@@ -336,7 +335,7 @@ def convert(src, out, tokenizer_path=None, image_size=None):
 
 def export_hf(ours, out):
     """Write our checkpoint folder as an HF snapshot that BlipForConditionalGeneration loads."""
-    model, tokenizer = load_model(ours), load_tokenizer(ours)
+    model, tokenizer = BlipCaptioner.from_pretrained(ours), load_tokenizer(ours)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = rename(model.state_dict(), OURS, HF, str(ours))  # tied LM-head weights left out, as HF writes them

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import recompute
+from .checkpoint import load_model, save_model
 from .config import BlipConfig
 from .text import KVCache, TextDecoder, TextEncoder
 from .vit import VisionTransformer
@@ -20,7 +21,20 @@ from .vit import VisionTransformer
 IGNORE = -100  # label of a position the loss skips (pads, prompt)
 
 
-class BlipCaptioner(nn.Module):
+class Pretrained(nn.Module):
+    """Our checkpoint folder (blip/checkpoint.py) for both model classes: config.json says which."""
+
+    @classmethod
+    def from_pretrained(cls, folder, map_location="cpu", config: BlipConfig | None = None):
+        """The folder's model; `config` (default: the folder's) may change what weights do not fix."""
+        return load_model(folder, cls, map_location, config)
+
+    def save_pretrained(self, folder, tokenizer=None):
+        """Write config.json and model.safetensors (and tokenizer.json when given) to `folder`."""
+        save_model(self, folder, tokenizer)
+
+
+class BlipCaptioner(Pretrained):
     def __init__(self, config: BlipConfig):
         super().__init__()
         self.config = config
@@ -54,20 +68,8 @@ class BlipCaptioner(nn.Module):
         logits = self(pixel_values, input_ids, attention_mask)
         return caption_loss(logits, labels, self.config.label_smoothing)
 
-    @classmethod
-    def from_pretrained(cls, folder, map_location="cpu") -> "BlipCaptioner":
-        from .checkpoint import load_model
 
-        return load_model(folder, map_location)
-
-    def save_pretrained(self, folder, tokenizer=None):
-        """Write config.json and model.safetensors (and tokenizer.json when given) to `folder`."""
-        from .checkpoint import save_model
-
-        save_model(self, folder, tokenizer)
-
-
-class BlipRetrieval(nn.Module):
+class BlipRetrieval(Pretrained):
     """BLIP's image-text matching (ITM) and image-text contrast (ITC), section 3.1: the ViT, the
     image-grounded text encoder, ITC's projections and the ITM head. Matches HF
     `BlipForImageTextRetrieval` (use_itm_head=True: `itm`, False: `itc`)."""

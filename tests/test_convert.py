@@ -60,7 +60,7 @@ def test_loading_takes_the_files_weights_without_drawing_any(ours_tiny):
     from blip.checkpoint import read_config
 
     state = torch.get_rng_state()
-    model = load_model(ours_tiny)
+    model = load_model(ours_tiny, BlipCaptioner)
     assert torch.equal(torch.get_rng_state(), state)  # nothing initialised, then overwritten
     BlipCaptioner(read_config(ours_tiny))
     assert not torch.equal(torch.get_rng_state(), state)  # as building the model the plain way would
@@ -133,7 +133,7 @@ def test_original_pth_equals_hf_path(tokenizer, vocab_dir, tmp_path, capsys):
     code, err = run_cli(capsys, path, tmp_path / "ours", "--tokenizer", vocab_dir / "vocab.txt")
     assert code == 0, err
     same_tensors(load_file(ours_tiny / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors"))
-    a, b = load_model(ours_tiny).config, load_model(tmp_path / "ours").config
+    a, b = load_model(ours_tiny, BlipCaptioner).config, load_model(tmp_path / "ours", BlipCaptioner).config
     assert b.vision.ln_eps == 1e-6  # the original ViT's eps, where HF configs say 1e-5
     b.vision.ln_eps = a.vision.ln_eps
     assert a == b
@@ -181,11 +181,11 @@ def test_missing_files(hf_tiny, ours_tiny, tmp_path, capsys):
     ours = copy_snapshot(ours_tiny, tmp_path / "ours")
     (ours / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no model.safetensors"):
-        load_model(ours)
+        load_model(ours, BlipCaptioner)
     with pytest.raises(CheckpointError, match="not a BlipCaptioner checkpoint"):
-        load_model(snapshot)  # an HF folder is not ours: it must be converted first
+        load_model(snapshot, BlipCaptioner)  # an HF folder is not ours: it must be converted first
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
-        load_model(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere", BlipCaptioner)
 
 
 def test_unknown_missing_and_misshapen_weights(hf_tiny, tmp_path, capsys):

@@ -49,3 +49,28 @@ def test_names_round_trip_bit_identical(tokenizer):
     theirs = hf.state_dict()
     assert back.keys() == theirs.keys()
     assert all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+def test_the_folder_says_which_model_it_holds(tokenizer, ours_tiny, tmp_path, capsys):
+    """save_pretrained / from_pretrained round trip; the wrong class gets one line saying what the folder
+    holds, from the API and from caption.py."""
+    import caption
+    from blip import BlipCaptioner
+    from blip.checkpoint import CheckpointError
+
+    _, ours = models(tokenizer, "tiny")
+    ours.save_pretrained(tmp_path / "itm", tokenizer)
+    again = BlipRetrieval.from_pretrained(tmp_path / "itm")
+    assert again.config == ours.config
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values(), strict=True))
+    with pytest.raises(CheckpointError, match="holds a BlipRetrieval model, not the BlipCaptioner this needs"):
+        BlipCaptioner.from_pretrained(tmp_path / "itm")
+    with pytest.raises(CheckpointError, match="holds a BlipCaptioner model, not the BlipRetrieval this needs"):
+        BlipRetrieval.from_pretrained(ours_tiny)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    assert caption.main([str(image), "--checkpoint", str(tmp_path / "itm")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a BlipRetrieval model" in err
