@@ -17,9 +17,10 @@ from blip.convert import convert, download, export_hf
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description="Convert BLIP captioning weights (HF snapshot folder, original BLIP .pth, or HF hub id) "
-        "into our checkpoint folder (config.json, model.safetensors, tokenizer.json); or, with --to-hf, "
-        "export our folder back to a BlipForConditionalGeneration snapshot.",
+        description="Convert BLIP captioning or image-text retrieval weights (HF snapshot folder, original BLIP "
+        ".pth, or HF hub id) into our checkpoint folder (config.json, model.safetensors, tokenizer.json); or, "
+        "with --to-hf, export our folder back to a BlipForConditionalGeneration / BlipForImageTextRetrieval "
+        "snapshot.",
     )
     p.add_argument("src", nargs="?", help="HF snapshot folder, original BLIP .pth file, or hub id like "
                    "Salesforce/blip-image-captioning-base")

@@ -41,6 +41,19 @@ def save_model(model, folder, tokenizer: Tokenizer | None = None):
         tokenizer.save(folder / TOKENIZER)
 
 
+def architecture(folder) -> str:
+    """Which model the folder holds: config.json's "architecture" (BlipCaptioner, BlipRetrieval)."""
+    path = _need(Path(folder), CONFIG)
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    found = d.get("architecture") if isinstance(d, dict) else None
+    if found not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: not one of our checkpoints (convert weights with convert_weights.py)")
+    return found
+
+
 def read_config(folder, architecture: str = "BlipCaptioner") -> BlipConfig:
     """The folder's config, which must be of an `architecture` model."""
     path = _need(Path(folder), CONFIG)

@@ -14,10 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from .checkpoint import CheckpointError, check_state_dict, load_tokenizer
+from .checkpoint import CheckpointError, architecture, check_state_dict, load_tokenizer
 from .config import BlipConfig, TextConfig, VisionConfig
 from .image import CLIP_MEAN, CLIP_STD
-from .model import BlipCaptioner
+from .model import BlipCaptioner, BlipRetrieval
 from .tokenizer import Tokenizer, write_hf_files
 
 # HF name | original BLIP name (None: same as HF) | our name.
@@ -111,6 +111,14 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(rx)
 
 
+# our model class name -> (its layout, HF's class name, the text prefix of HF and original files)
+KINDS = {
+    "BlipCaptioner": (CAPTIONER, "BlipForConditionalGeneration", T),
+    "BlipRetrieval": (RETRIEVAL, "BlipForImageTextRetrieval", "text_encoder."),
+}
+MODEL_CLASSES = {"BlipCaptioner": BlipCaptioner, "BlipRetrieval": BlipRetrieval}
+
+
 def rename(state: dict, src: int, dst: int, source: str, layout: Layout = CAPTIONER) -> dict:
     """Rename every key of `state` from column `src` of the layout's table to column `dst`."""
     rows = [(row[src] or row[HF], row[dst] or row[HF]) for row in layout.table]
@@ -196,7 +204,7 @@ def config_from_hf(d: dict, source: str) -> BlipConfig:
         ln_eps=t["layer_norm_eps"], encoder_width=vision.width,  # HF sets it from the vision width too
         pad_token_id=t["pad_token_id"], bos_token_id=t["bos_token_id"], sep_token_id=t["sep_token_id"],
     )
-    return BlipConfig(vision=vision, text=text)
+    return BlipConfig(vision=vision, text=text, embed_dim=d.get("image_text_hidden_size", 256))
 
 
 def _square(size, source: str) -> int:
@@ -207,10 +215,11 @@ def _square(size, source: str) -> int:
     return int(size)
 
 
-def config_to_hf(config: BlipConfig) -> dict:
+def config_to_hf(config: BlipConfig, kind: str = "BlipCaptioner") -> dict:
     v, t = config.vision, config.text
     return {
-        "architectures": ["BlipForConditionalGeneration"], "model_type": "blip", "tie_word_embeddings": True,
+        "architectures": [KINDS[kind][1]], "model_type": "blip", "tie_word_embeddings": True,
+        "image_text_hidden_size": config.embed_dim,
         "vision_config": {
             "model_type": "blip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
             "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
@@ -226,8 +235,9 @@ def config_to_hf(config: BlipConfig) -> dict:
     }
 
 
-def config_from_original(state: dict, source: str) -> BlipConfig:
+def config_from_original(state: dict, source: str, kind: str = "BlipCaptioner") -> BlipConfig:
     """Original .pth files hold no config: read sizes off the tensors (heads: width / 64)."""
+    text_prefix = KINDS[kind][2]
     def need(key):
         if key not in state:
             raise CheckpointError(f"{source}: missing weight {key}")
@@ -245,18 +255,20 @@ def config_from_original(state: dict, source: str) -> BlipConfig:
         heads=width // 64, mlp_dim=need("visual_encoder.blocks.0.mlp.fc1.weight").shape[0],
         ln_eps=1e-6,  # the original BLIP ViT's LayerNorm eps
     )
-    word = need(T + "embeddings.word_embeddings.weight")
+    word = need(text_prefix + "embeddings.word_embeddings.weight")
     text = TextConfig(
-        vocab_size=word.shape[0], width=word.shape[1], depth=count(T + "encoder.layer."),
-        heads=word.shape[1] // 64, mlp_dim=need(T + "encoder.layer.0.intermediate.dense.weight").shape[0],
-        max_positions=need(T + "embeddings.position_embeddings.weight").shape[0], encoder_width=width,
+        vocab_size=word.shape[0], width=word.shape[1], depth=count(text_prefix + "encoder.layer."),
+        heads=word.shape[1] // 64, mlp_dim=need(text_prefix + "encoder.layer.0.intermediate.dense.weight").shape[0],
+        max_positions=need(text_prefix + "embeddings.position_embeddings.weight").shape[0], encoder_width=width,
     )
-    return BlipConfig(vision=vision, text=text)
+    embed_dim = need("vision_proj.weight").shape[0] if kind == "BlipRetrieval" else 256  # ITC width
+    return BlipConfig(vision=vision, text=text, embed_dim=embed_dim)
 
 
 # --- whole conversions --------------------------------------------------------------------
 def load_source(src: Path, tokenizer_path=None):
-    """An HF snapshot folder or an original BLIP .pth -> (config, our state dict, tokenizer)."""
+    """An HF snapshot folder or an original BLIP .pth -> (kind, config, our state dict, tokenizer):
+    kind is our model class's name, from HF's "architectures" or from the names of the weights."""
     if src.is_dir():
         cfg_path = src / "config.json"
         if not cfg_path.is_file():
@@ -271,18 +283,21 @@ def load_source(src: Path, tokenizer_path=None):
             raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
         config = config_from_hf(hf_config, str(cfg_path))
         raw = read_tensors(weights)
-        _need_decoder(raw, weights)
-        state = rename(raw, HF, OURS, str(weights))
+        retrieval = "BlipForImageTextRetrieval" in (hf_config.get("architectures") or [])
+        kind = "BlipRetrieval" if retrieval else "BlipCaptioner"
+        _need_text(raw, weights, kind)
+        state = rename(raw, HF, OURS, str(weights), KINDS[kind][0])
         tokenizer = _tokenizer(tokenizer_path or src)
     elif src.is_file():
         if tokenizer_path is None:
             raise CheckpointError(f"{src}: an original BLIP file holds no tokenizer; pass --tokenizer vocab.txt")
         raw = read_tensors(src)
-        _need_decoder(raw, src)
-        state = rename(raw, ORIGINAL, OURS, str(src))
+        kind = "BlipCaptioner" if any(k.startswith("text_decoder.") for k in raw) else "BlipRetrieval"
+        _need_text(raw, src, kind)
+        state = rename(raw, ORIGINAL, OURS, str(src), KINDS[kind][0])
         tokenizer = _tokenizer(tokenizer_path)
         # no config in the file: sizes come from the tensors, special ids from the tokenizer
-        config = config_from_original(raw, str(src))
+        config = config_from_original(raw, str(src), kind)
         ids = dict(bos_token_id=tokenizer.dec_id, sep_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
         config = replace(config, text=replace(config.text, **ids))
     else:
@@ -294,12 +309,15 @@ def load_source(src: Path, tokenizer_path=None):
         raise CheckpointError(
             f"tokenizer (size, [DEC], [SEP], [PAD]) = {got} does not match the model's {want}: wrong vocab file?"
         )
-    return config, state, tokenizer
+    return kind, config, state, tokenizer
 
 
-def _need_decoder(raw: dict, source):
-    if not any(k.startswith("text_decoder.") for k in raw):
-        raise CheckpointError(f"{source}: no text_decoder.* weights, so not a captioning checkpoint")
+def _need_text(raw: dict, source, kind: str):
+    """A captioning file has a text decoder; a retrieval file a text encoder and an ITM head."""
+    needed = ["text_decoder."] if kind == "BlipCaptioner" else ["text_encoder.", "itm_head."]
+    for prefix in needed:
+        if not any(k.startswith(prefix) for k in raw):
+            raise CheckpointError(f"{source}: no {prefix}* weights, so neither a captioning nor a retrieval checkpoint")
 
 
 def _tokenizer(path):
@@ -323,10 +341,10 @@ def resize_positions(config: BlipConfig, state: dict, image_size: int) -> BlipCo
 def convert(src, out, tokenizer_path=None, image_size=None):
     """Convert an HF snapshot or original BLIP file into our checkpoint folder `out`."""
     src = Path(src)
-    config, state, tokenizer = load_source(src, tokenizer_path)
+    kind, config, state, tokenizer = load_source(src, tokenizer_path)
     if image_size and image_size != config.vision.image_size:
         config = resize_positions(config, state, image_size)
-    model = BlipCaptioner(config)
+    model = MODEL_CLASSES[kind](config)
     check_state_dict(state, model.state_dict(), str(src))
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out, tokenizer)
@@ -334,13 +352,15 @@ def convert(src, out, tokenizer_path=None, image_size=None):
 
 
 def export_hf(ours, out):
-    """Write our checkpoint folder as an HF snapshot that BlipForConditionalGeneration loads."""
-    model, tokenizer = BlipCaptioner.from_pretrained(ours), load_tokenizer(ours)
+    """Write our checkpoint folder as an HF snapshot that BlipForConditionalGeneration (or, for a
+    BlipRetrieval folder, BlipForImageTextRetrieval) loads."""
+    kind = architecture(ours)
+    model, tokenizer = MODEL_CLASSES[kind].from_pretrained(ours), load_tokenizer(ours)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = rename(model.state_dict(), OURS, HF, str(ours))  # tied LM-head weights left out, as HF writes them
+    state = rename(model.state_dict(), OURS, HF, str(ours), KINDS[kind][0])  # tied LM-head weights left out, as HF
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config_to_hf(model.config, kind), indent=2) + "\n")
     write_hf_files(tokenizer, out)
     size = model.config.vision.image_size
     processor = {

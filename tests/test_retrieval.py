@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blip import BlipRetrieval
-from blip.convert import HF, OURS, RETRIEVAL, config_from_hf, rename
+from blip.convert import HF, ORIGINAL, OURS, RETRIEVAL, config_from_hf, rename
 from conftest import captions_batch, corpus, hf_config, randomize
 
 
@@ -15,8 +15,9 @@ def models(tokenizer, size: str):
     """(HF BlipForImageTextRetrieval with random weights, ours holding the same weights)."""
     from transformers import BlipForImageTextRetrieval
 
-    config = hf_config(tokenizer, size, image_size=64 if size == "tiny" else 384)
-    config.image_text_hidden_size = 32 if size == "tiny" else 256
+    tiny = size.startswith("tiny")
+    config = hf_config(tokenizer, size, image_size=64 if tiny else 384)
+    config.image_text_hidden_size = 32 if tiny else 256
     torch.manual_seed(0)
     hf = randomize(BlipForImageTextRetrieval(config).eval())
     ours = BlipRetrieval(replace(config_from_hf(config.to_dict(), "test"), embed_dim=config.image_text_hidden_size))
@@ -74,3 +75,59 @@ def test_the_folder_says_which_model_it_holds(tokenizer, ours_tiny, tmp_path, ca
     assert caption.main([str(image), "--checkpoint", str(tmp_path / "itm")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a BlipRetrieval model" in err
+
+
+def test_convert_weights_takes_retrieval_snapshots_both_ways(tokenizer, vocab_dir, tmp_path, capsys):
+    """An HF BlipForImageTextRetrieval snapshot -> convert_weights.py -> our BlipRetrieval folder (the
+    same ITM probabilities) -> --to-hf -> the same tensors and a model HF loads."""
+    from safetensors.torch import load_file
+    from transformers import BlipForImageTextRetrieval
+
+    import convert_weights
+
+    hf, _ = models(tokenizer, "tiny")
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    assert convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    ours = BlipRetrieval.from_pretrained(tmp_path / "ours")
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ids, mask = captions_batch(tokenizer, ["a dog", "a red cat on a chair"])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score.softmax(dim=-1)[:, 1]
+        assert (ours.itm(pixels, ids, mask) - expected).abs().max() <= 1e-5
+    assert convert_weights.main(["--to-hf", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    original = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    again = BlipForImageTextRetrieval.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        score = again(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score
+        assert torch.equal(score.softmax(dim=-1)[:, 1], expected)
+    capsys.readouterr()
+
+
+def test_original_retrieval_pth_equals_hf_path(tokenizer, vocab_dir, tmp_path, capsys):
+    """An original BLIP retrieval file (its names, plus momentum encoders and queues, which are skipped)
+    converts to the same tensors as the HF snapshot of the same weights."""
+    from safetensors.torch import load_file
+
+    import convert_weights
+
+    hf, _ = models(tokenizer, "tiny-hd64")  # 64-wide heads: original files do not record heads
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    assert convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "from_hf")]) == 0
+    state = rename(hf.state_dict(), HF, ORIGINAL, "test", RETRIEVAL)
+    state.update({"visual_encoder_m.cls_token": torch.zeros(1), "text_proj_m.weight": torch.zeros(1),
+                  "image_queue": torch.zeros(1), "idx_queue": torch.zeros(1), "temp": torch.zeros(())})
+    torch.save({"model": state, "epoch": 5}, tmp_path / "model_base_retrieval_coco.pth")
+    args = [str(tmp_path / "model_base_retrieval_coco.pth"), str(tmp_path / "ours"), "--tokenizer",
+            str(vocab_dir / "vocab.txt")]
+    assert convert_weights.main(args) == 0
+    a = load_file(str(tmp_path / "from_hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config_hf = BlipRetrieval.from_pretrained(tmp_path / "from_hf").config
+    config_orig = BlipRetrieval.from_pretrained(tmp_path / "ours").config
+    assert config_orig.vision.ln_eps == 1e-6 and config_orig.embed_dim == config_hf.embed_dim == 32
+    capsys.readouterr()
