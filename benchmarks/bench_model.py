@@ -2,6 +2,9 @@
 
     python benchmarks/bench_model.py [--size base] [--threads 2] [--repeats 5] [--plain-linear]
 
+Captioning (vision, decoder, teacher-forced forward: BlipCaptioner against BlipForConditionalGeneration) and
+image-text matching (BlipRetrieval.itm against BlipForImageTextRetrieval with use_itm_head=True).
+
 Also prints the base vision forward against its FLOP floor: its matmul FLOPs divided by the
 fastest rate this machine reaches on a GEMM of the ViT's MLP shape (PyTorch's matmul or our packed
 linear), about the best any implementation could do.
@@ -11,7 +14,7 @@ import argparse
 import time
 
 import torch
-from common import add_common_args, apply_common_args, compare, same_weights
+from common import add_common_args, apply_common_args, compare, same_retrieval_weights, same_weights
 
 from blip.linear import Linear
 
@@ -70,6 +73,14 @@ def main():
              *seconds(lambda: ours(pixels, ids, mask),
                       lambda: hf(pixel_values=pixels, input_ids=ids, attention_mask=mask))),
         ]
+    # the retrieval pair next, with its own weights (the captioning pair is let go)
+    hf, ours = same_retrieval_weights(args.size)
+    texts = ids.clone()
+    texts[:, 0] = 101  # [CLS], as HF's processor starts texts for retrieval
+    with torch.inference_mode():
+        rows.append((f"ITM scoring, {args.batch} (image, text) pairs",
+                     *seconds(lambda: ours.itm(pixels, texts, mask),
+                              lambda: hf(input_ids=texts, pixel_values=pixels, attention_mask=mask).itm_score)))
     rate = matmul_rate(v.num_tokens, v.width, v.mlp_dim, args.repeats)
     floor = vision_flops(v) / rate
 
