@@ -12,12 +12,13 @@ import json
 import os
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from blip.attention_map import draw
-from blip.captioner import Captioner
+from blip.captioner import Captioner, Matcher
 from blip.checkpoint import CheckpointError
 from blip.decoding import DecodeConfig
 from blip.image import IMAGE_SUFFIXES, ImageError, load_image
@@ -60,6 +61,11 @@ def parse_args(argv=None):
                    help="text: 'PATH: caption' lines; jsonl: {\"image\": PATH, \"caption\": TEXT} lines; "
                    "csv: image,caption rows (default: text)")
     p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output")
+    p.add_argument("--rerank", metavar="ITM_DIR",
+                   help="make --candidates captions per image and print the one an image-text matching model "
+                   "(a BlipRetrieval folder from convert_weights.py) scores best; jsonl/csv add its score")
+    p.add_argument("--candidates", type=int, default=5, metavar="N",
+                   help="with --rerank: the beam-search caption and N-1 nucleus samples (default: 5)")
     p.add_argument("--trace", action="store_true",
                    help="print (to standard error) each stage an image goes through, with its tensors' shapes")
     p.add_argument("--attention-map", metavar="OUT.png",
@@ -70,6 +76,8 @@ def parse_args(argv=None):
         p.error(f"--attention-map: no folder {Path(args.attention_map).parent} to write into")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.candidates < 1:
+        p.error("--candidates must be at least 1")
     if args.repetition_penalty is None:
         args.repetition_penalty = 1.1 if args.sample else 1.0
     beams = 1 if args.sample else args.beams
@@ -110,20 +118,33 @@ def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
 class Writer:
     """Writes each caption as soon as it exists, so an interrupted run keeps what it did."""
 
-    def __init__(self, out, fmt: str):
+    def __init__(self, out, fmt: str, scored: bool = False):
         self.out, self.fmt = out, fmt
         if fmt == "csv":
             self.csv = csv.writer(out)
-            self.csv.writerow(["image", "caption"])
+            self.csv.writerow(["image", "caption", "score"] if scored else ["image", "caption"])
 
-    def write(self, path: Path, caption: str):
+    def write(self, path: Path, caption: str, score: float | None = None):
+        extra = {} if score is None else {"score": round(score, 6)}
         if self.fmt == "jsonl":
-            self.out.write(json.dumps({"image": str(path), "caption": caption}, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps({"image": str(path), "caption": caption, **extra}, ensure_ascii=False) + "\n")
         elif self.fmt == "csv":
-            self.csv.writerow([str(path), caption])
+            self.csv.writerow([str(path), caption, *extra.values()])
         else:
             self.out.write(f"{path}: {caption}\n")
         self.out.flush()
+
+
+def rerank(captioner, matcher, image, caption: str, args, generator) -> tuple[str, float]:
+    """The beam-search caption and --candidates - 1 nucleus samples of one image -> the candidate the
+    matching model scores best, and its score (ties: the earlier candidate, the beam's first)."""
+    samples = replace(args.decode, sample=True, num_beams=1, repetition_penalty=1.1)
+    n = args.candidates - 1
+    others = captioner.caption([image] * n, args.prompt, samples, generator) if n else []
+    candidates = list(dict.fromkeys([caption, *others]))  # distinct, in order
+    scores = matcher.scores(image, candidates)
+    best = int(scores.argmax())
+    return candidates[best], float(scores[best])
 
 
 def map_paths(out: str, images: list[Path]) -> dict[Path, Path]:
@@ -152,6 +173,7 @@ def main(argv=None) -> int:
         return 1
     try:
         captioner = Captioner.from_pretrained(args.checkpoint, args.device, args.dtype)
+        matcher = Matcher.from_pretrained(args.rerank, args.device, args.dtype) if args.rerank else None
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -161,7 +183,7 @@ def main(argv=None) -> int:
     generator = captioner.generator(args.seed)  # one random stream for the whole run
     map_out = map_paths(args.attention_map, files) if args.attention_map else {}
     with opened as out, tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as bar:
-        writer = Writer(out, args.format)
+        writer = Writer(out, args.format, scored=matcher is not None)
         for start in range(0, len(files), args.batch_size):
             batch = []
             for path in files[start : start + args.batch_size]:
@@ -181,7 +203,11 @@ def main(argv=None) -> int:
                 names = ", ".join(str(path) for path, _ in batch)
                 tqdm.write("\n".join([f"trace of {names}", *trace.lines]), file=sys.stderr)
             for i, ((path, im), caption) in enumerate(zip(batch, captions, strict=True)):
-                writer.write(path, caption)
+                if matcher is not None:
+                    caption, score = rerank(captioner, matcher, im, caption, args, generator)
+                    writer.write(path, caption, score)
+                else:
+                    writer.write(path, caption)
                 if maps is not None:
                     draw(im, *maps[i]).save(map_out[path])
             bar.update(len(batch))

@@ -13,7 +13,7 @@ from .attention_map import word_maps
 from .checkpoint import load_tokenizer
 from .decoding import DecodeConfig, generate
 from .image import load_image, preprocess
-from .model import BlipCaptioner
+from .model import BlipCaptioner, BlipRetrieval
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -84,3 +84,31 @@ class Captioner:
             grid = self.model.config.vision.grid
             attention.extend(word_maps(self.tokenizer, i, m.cpu(), grid) for i, m in zip(ids, maps, strict=True))
         return [self.tokenizer.decode(i) for i in ids]
+
+
+class Matcher:
+    """How well texts fit an image: BLIP's image-text matching head (a BlipRetrieval folder).
+
+    matcher = Matcher.from_pretrained("checkpoints/blip-itm-base")
+    matcher.scores(image, ["a dog on a beach", "a cat"])   # -> tensor of match probabilities
+    """
+
+    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto") -> "Matcher":
+        device = pick_device(device)
+        return cls(BlipRetrieval.from_pretrained(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+
+    @torch.inference_mode()
+    def scores(self, image, texts: list[str]) -> torch.Tensor:
+        """(len(texts),) probability that each text describes the image (PIL image or path)."""
+        image = image if hasattr(image, "mode") else load_image(image)
+        size = self.model.config.vision.image_size
+        pixels = preprocess([image], size).to(self.device, self.dtype).expand(len(texts), -1, -1, -1)
+        ids, mask = self.tokenizer.batch(texts)
+        ids[:, 0] = self.tokenizer.cls_id  # texts start with [CLS] for matching, as HF's processor writes them
+        return self.model.itm(pixels, ids.to(self.device), mask.to(self.device)).float().cpu()

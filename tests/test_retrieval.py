@@ -131,3 +131,47 @@ def test_original_retrieval_pth_equals_hf_path(tokenizer, vocab_dir, tmp_path, c
     config_orig = BlipRetrieval.from_pretrained(tmp_path / "ours").config
     assert config_orig.vision.ln_eps == 1e-6 and config_orig.embed_dim == config_hf.embed_dim == 32
     capsys.readouterr()
+
+
+def test_rerank_prints_the_best_scored_candidate(tokenizer, hf_taught, tmp_path, capsys, monkeypatch):
+    """caption.py --rerank: N candidates per image, the matching model's best one printed with its score.
+    With a scorer whose answer is known (the longest candidate wins), that one is printed; with the real
+    matching head, the printed score is the model's score of the printed caption."""
+    import json
+
+    from PIL import Image
+
+    import caption
+    from blip.captioner import Matcher
+
+    _, ours = models(tokenizer, "tiny")
+    ours.save_pretrained(tmp_path / "itm", tokenizer)
+    _, captioner_folder = hf_taught
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"p{i}.png")
+    args = [str(tmp_path / "p0.png"), str(tmp_path / "p1.png"), "--checkpoint", str(captioner_folder),
+            "--rerank", str(tmp_path / "itm"), "--candidates", "4", "--seed", "0", "--format", "jsonl"]
+
+    seen = []
+
+    def longest_wins(self, image, texts):
+        seen.append(texts)
+        return torch.tensor([len(t) / 100 for t in texts])
+
+    with monkeypatch.context() as m:
+        m.setattr(Matcher, "scores", longest_wins)
+        assert caption.main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and all(1 <= len(texts) <= 4 for texts in seen) and any(len(t) > 1 for t in seen)
+    for row, texts in zip(rows, seen, strict=True):
+        best = max(texts, key=len)
+        assert row["caption"] == best and row["score"] == pytest.approx(len(best) / 100)
+
+    assert caption.main(args) == 0  # the real matching head
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    matcher = Matcher.from_pretrained(tmp_path / "itm", device="cpu")
+    for i, row in enumerate(rows):
+        assert row["score"] == pytest.approx(float(matcher.scores(tmp_path / f"p{i}.png", [row["caption"]])[0]),
+                                             abs=1e-5)
