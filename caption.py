@@ -78,6 +78,8 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 1")
     if args.candidates < 1:
         p.error("--candidates must be at least 1")
+    if args.rerank and args.attention_map:
+        p.error("--attention-map draws the beam caption's maps; it cannot follow a --rerank choice")
     if args.repetition_penalty is None:
         args.repetition_penalty = 1.1 if args.sample else 1.0
     beams = 1 if args.sample else args.beams

@@ -10,11 +10,14 @@ says what it dropped.
 """
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from blip.captioner import Matcher
@@ -36,7 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.threshold <= 1:
         p.error("--threshold must be in [0, 1]")
-    args.out = Path(args.out or f"{str(args.data).rstrip('/')}-filtered")
+    data = Path(args.data).resolve()
+    args.out = Path(args.out) if args.out else data.parent / f"{data.name}-filtered"
+    out = args.out.resolve()
+    if out == data or data in out.parents:
+        p.error("--out must be outside --data: the data set's own captions are not overwritten")
+    if (args.out / "metadata.jsonl").exists() or (args.out / "scores.jsonl").exists():
+        p.error(f"{args.out} already holds a filtered data set; choose another --out")
     return args
 
 
@@ -67,9 +76,10 @@ def main(argv=None) -> int:
             image = row.load()
             file_name = image_file(row, args.out)
             for caption, score in zip(row.captions, matcher.scores(image, row.captions).tolist(), strict=True):
+                score = round(score, 6)  # as written: the decision and the file agree
                 keep = score >= args.threshold
                 record = {"file_name": file_name, "text": caption}
-                scores_file.write(json.dumps({**record, "score": round(score, 6), "kept": keep}) + "\n")
+                scores_file.write(json.dumps({**record, "score": score, "kept": keep}) + "\n")
                 if keep:
                     metadata.write(json.dumps(record) + "\n")
                     kept += 1
@@ -90,10 +100,12 @@ def image_file(row, out: Path) -> str:
     """The row's image as a file_name relative to OUT: the file itself, or its bytes written out."""
     if row.data is None:
         return os.path.relpath(row.image.resolve(), out.resolve())
-    target = out / "images" / row.image.name
-    target.parent.mkdir(exist_ok=True)
-    target.write_bytes(row.data)
-    return f"images/{row.image.name}"
+    with Image.open(io.BytesIO(row.data)) as im:  # named by content: rows of different files never collide
+        suffix = {"JPEG": ".jpg"}.get(im.format, f".{(im.format or 'img').lower()}")
+    name = f"images/{hashlib.sha1(row.data).hexdigest()}{suffix}"
+    (out / "images").mkdir(exist_ok=True)
+    (out / name).write_bytes(row.data)
+    return name
 
 
 if __name__ == "__main__":

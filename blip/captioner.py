@@ -86,6 +86,9 @@ class Captioner:
         return [self.tokenizer.decode(i) for i in ids]
 
 
+MATCH_TOKENS = 35  # texts are cut to this many tokens for matching, as BLIP's retrieval models were trained
+
+
 class Matcher:
     """How well texts fit an image: BLIP's image-text matching head (a BlipRetrieval folder).
 
@@ -109,6 +112,6 @@ class Matcher:
         image = image if hasattr(image, "mode") else load_image(image)
         size = self.model.config.vision.image_size
         pixels = preprocess([image], size).to(self.device, self.dtype).expand(len(texts), -1, -1, -1)
-        ids, mask = self.tokenizer.batch(texts)
+        ids, mask = self.tokenizer.batch(texts, max_length=min(MATCH_TOKENS, self.model.config.text.max_positions))
         ids[:, 0] = self.tokenizer.cls_id  # texts start with [CLS] for matching, as HF's processor writes them
         return self.model.itm(pixels, ids.to(self.device), mask.to(self.device)).float().cpu()

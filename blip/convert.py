@@ -283,7 +283,9 @@ def load_source(src: Path, tokenizer_path=None):
             raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
         config = config_from_hf(hf_config, str(cfg_path))
         raw = read_tensors(weights)
-        retrieval = "BlipForImageTextRetrieval" in (hf_config.get("architectures") or [])
+        named = hf_config.get("architectures") or []
+        by_weights = any(k.startswith("itm_head.") for k in raw) and not any(k.startswith("text_decoder.") for k in raw)
+        retrieval = "BlipForImageTextRetrieval" in named or (not named and by_weights)
         kind = "BlipRetrieval" if retrieval else "BlipCaptioner"
         _need_text(raw, weights, kind)
         state = rename(raw, HF, OURS, str(weights), KINDS[kind][0])

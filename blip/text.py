@@ -257,6 +257,8 @@ class TextDecoder(TextTransformer):
 
     def forward(self, input_ids, attention_mask=None, image_embeds=None, cache=None) -> torch.Tensor:
         """-> next-token logits (B, T, vocab): position t predicts token t + 1."""
+        if image_embeds is None and cache is None:
+            raise ValueError("the caption decoder reads an image: pass image_embeds or a cache made from them")
         x = super().forward(input_ids, attention_mask, image_embeds, cache)
         return self.head(x, self.embeddings.word.weight)
 

@@ -72,3 +72,34 @@ def test_real_head_scores_every_pair_and_bad_rows_stop(tokenizer, tmp_path, caps
     err = capsys.readouterr().err
     assert "no such file" in err and not (tmp_path / "again").exists()
     assert filter_data.main(args + ["--out", str(tmp_path / "again"), "--skip-bad"]) == 0
+
+
+def test_parquet_images_are_written_once_each_and_out_is_checked(tokenizer, tmp_path, capsys):
+    """Images stored as bytes get files named by their content (two parquet files both holding a
+    "1.png" stay apart); --out inside --data, or over an earlier result, is refused."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+    from PIL import Image
+
+    data = tmp_path / "snapshot" / "data"
+    data.mkdir(parents=True)
+    for i, colour in enumerate(["red", "blue"]):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buf, format="PNG")
+        images = [{"bytes": buf.getvalue(), "path": "1.png"}]
+        pq.write_table(pa.table({"image": images, "text": [f"a {colour} square"]}), data / f"train-{i:05d}.parquet")
+    _, itm = models(tokenizer, "tiny")
+    itm.save_pretrained(tmp_path / "itm", tokenizer)
+    out = tmp_path / "filtered"
+    args = ["--data", str(tmp_path / "snapshot"), "--itm", str(tmp_path / "itm"), "--device", "cpu", "--threshold", "0"]
+    assert filter_data.main(args + ["--out", str(out)]) == 0
+    kept = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    colours = {Image.open(out / k["file_name"]).getpixel((0, 0)) for k in kept}
+    assert len(kept) == 2 and colours == {(255, 0, 0), (0, 0, 255)}
+    for bad in (out, tmp_path / "snapshot" / "inside"):  # an earlier result; inside the data
+        with pytest.raises(SystemExit):
+            filter_data.main(args + ["--out", str(bad)])
+    capsys.readouterr()

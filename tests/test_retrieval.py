@@ -175,3 +175,22 @@ def test_rerank_prints_the_best_scored_candidate(tokenizer, hf_taught, tmp_path,
     for i, row in enumerate(rows):
         assert row["score"] == pytest.approx(float(matcher.scores(tmp_path / f"p{i}.png", [row["caption"]])[0]),
                                              abs=1e-5)
+
+
+def test_snapshot_without_architectures_is_told_by_its_weights(tokenizer, vocab_dir, tmp_path, capsys):
+    import json
+
+    import caption
+    import convert_weights
+
+    hf, _ = models(tokenizer, "tiny")
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert BlipRetrieval.from_pretrained(tmp_path / "ours").config.embed_dim == 32
+    with pytest.raises(SystemExit):  # maps follow the beam caption, not a reranked one
+        caption.parse_args(["x.png", "--rerank", "itm", "--attention-map", "m.png"])
+    capsys.readouterr()
