@@ -14,7 +14,7 @@ import argparse
 import time
 
 import torch
-from common import add_common_args, apply_common_args, compare, same_retrieval_weights, same_weights
+from common import add_common_args, apply_common_args, compare, same_weights
 
 from blip.linear import Linear
 
@@ -74,7 +74,7 @@ def main():
                       lambda: hf(pixel_values=pixels, input_ids=ids, attention_mask=mask))),
         ]
     # the retrieval pair next, with its own weights (the captioning pair is let go)
-    hf, ours = same_retrieval_weights(args.size)
+    hf, ours = same_weights(args.size, retrieval=True)
     texts = ids.clone()
     texts[:, 0] = 101  # [CLS], as HF's processor starts texts for retrieval
     with torch.inference_mode():

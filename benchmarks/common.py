@@ -51,37 +51,23 @@ def compare(ours, theirs, repeats: int, device: torch.device | None = None):
     return statistics.median(times[0]), statistics.median(times[1]), out[0], out[1]
 
 
-def same_retrieval_weights(size: str = "base"):
-    """(HF BlipForImageTextRetrieval, our BlipRetrieval), random weights, identical values."""
-    from dataclasses import replace
-
-    from transformers import BlipConfig, BlipForImageTextRetrieval
+def same_weights(size: str = "base", retrieval: bool = False):
+    """(HF model, ours) with random weights, identical values: BlipForConditionalGeneration and our
+    BlipCaptioner, or with retrieval BlipForImageTextRetrieval and our BlipRetrieval."""
+    import transformers
 
     from blip import BlipRetrieval
-    from blip.convert import RETRIEVAL
+    from blip.convert import CAPTIONER, RETRIEVAL
 
+    hf_class, ours_class, layout = ((transformers.BlipForImageTextRetrieval, BlipRetrieval, RETRIEVAL) if retrieval
+                                    else (transformers.BlipForConditionalGeneration, BlipCaptioner, CAPTIONER))
     torch.manual_seed(0)
-    hf_cfg = BlipConfig(text_config={"num_attention_heads": 12}, vision_config={} if size == "base" else LARGE_VISION)
-    hf = BlipForImageTextRetrieval(hf_cfg).eval()
+    vision = {} if size == "base" else LARGE_VISION
+    hf_cfg = transformers.BlipConfig(text_config={"num_attention_heads": 12}, vision_config=vision)
+    hf = hf_class(hf_cfg).eval()
     with torch.no_grad():  # HF initialises the ViT near zero; make image tokens differ by image
         for p in hf.vision_model.parameters():
             p.normal_(0, 0.02)
-    config = replace(config_from_hf(hf_cfg.to_dict(), "benchmark"), embed_dim=hf_cfg.image_text_hidden_size)
-    ours = BlipRetrieval(config).eval()
-    ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "benchmark", RETRIEVAL), strict=True)
-    return hf, ours
-
-
-def same_weights(size: str = "base"):
-    """(HF BlipForConditionalGeneration, our BlipCaptioner), random weights, identical values."""
-    from transformers import BlipConfig, BlipForConditionalGeneration
-
-    torch.manual_seed(0)
-    hf_cfg = BlipConfig(text_config={"num_attention_heads": 12}, vision_config={} if size == "base" else LARGE_VISION)
-    hf = BlipForConditionalGeneration(hf_cfg).eval()
-    with torch.no_grad():  # HF initialises the ViT near zero; make image tokens differ by image
-        for p in hf.vision_model.parameters():
-            p.normal_(0, 0.02)
-    ours = BlipCaptioner(config_from_hf(hf_cfg.to_dict(), "benchmark")).eval()
-    ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "benchmark"), strict=True)
+    ours = ours_class(config_from_hf(hf_cfg.to_dict(), "benchmark")).eval()  # embed_dim included
+    ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "benchmark", layout), strict=True)
     return hf, ours

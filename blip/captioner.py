@@ -46,16 +46,24 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-class Captioner:
+class OnDevice:
+    """A model and its tokenizer, on one device in one dtype, ready for inference."""
+
+    model_class = None  # what from_pretrained loads
+
     def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
-    def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto") -> "Captioner":
+    def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto"):
         device = pick_device(device)
-        return cls(BlipCaptioner.from_pretrained(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+        return cls(cls.model_class.from_pretrained(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+
+
+class Captioner(OnDevice):
+    model_class = BlipCaptioner
 
     @property
     def image_size(self) -> int:
@@ -89,29 +97,22 @@ class Captioner:
 MATCH_TOKENS = 35  # texts are cut to this many tokens for matching, as BLIP's retrieval models were trained
 
 
-class Matcher:
+class Matcher(OnDevice):
     """How well texts fit an image: BLIP's image-text matching head (a BlipRetrieval folder).
 
     matcher = Matcher.from_pretrained("checkpoints/blip-itm-base")
     matcher.scores(image, ["a dog on a beach", "a cat"])   # -> tensor of match probabilities
     """
 
-    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.tokenizer = tokenizer
-        self.device, self.dtype = torch.device(device), dtype
-
-    @classmethod
-    def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto") -> "Matcher":
-        device = pick_device(device)
-        return cls(BlipRetrieval.from_pretrained(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+    model_class = BlipRetrieval
 
     @torch.inference_mode()
     def scores(self, image, texts: list[str]) -> torch.Tensor:
         """(len(texts),) probability that each text describes the image (PIL image or path)."""
         image = image if hasattr(image, "mode") else load_image(image)
         size = self.model.config.vision.image_size
-        pixels = preprocess([image], size).to(self.device, self.dtype).expand(len(texts), -1, -1, -1)
+        pixels = preprocess([image], size).to(self.device, self.dtype)
         ids, mask = self.tokenizer.batch(texts, max_length=min(MATCH_TOKENS, self.model.config.text.max_positions))
         ids[:, 0] = self.tokenizer.cls_id  # texts start with [CLS] for matching, as HF's processor writes them
-        return self.model.itm(pixels, ids.to(self.device), mask.to(self.device)).float().cpu()
+        image_tokens = self.model.visual_encoder(pixels)  # encoded once, read by every text
+        return self.model.match(image_tokens, ids.to(self.device), mask.to(self.device)).float().cpu()

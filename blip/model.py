@@ -86,8 +86,12 @@ class BlipRetrieval(Pretrained):
     def itm(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B,) probability that text b describes image b: the ITM head on the first token of the
         text encoder reading the image (pixel_values (B, 3, H, W), input_ids (B, T))."""
-        image = self.visual_encoder(pixel_values)  # (B, N, C_img)
-        text = self.text_encoder(input_ids, attention_mask, image)  # (B, T, C)
+        return self.match(self.visual_encoder(pixel_values), input_ids, attention_mask)
+
+    def match(self, image_embeds, input_ids, attention_mask=None) -> torch.Tensor:
+        """`itm` from image tokens (B or 1, N, C_img): one encoded image is read by all B texts."""
+        image_embeds = image_embeds.expand(input_ids.shape[0], -1, -1)  # (B, N, C_img), a view
+        text = self.text_encoder(input_ids, attention_mask, image_embeds)  # (B, T, C)
         return self.itm_head(text[:, 0]).softmax(dim=-1)[:, 1]
 
     def itc(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:

@@ -1,8 +1,6 @@
 """BlipRetrieval against HF BlipForImageTextRetrieval on random weights: the ITM match probability and
 the ITC similarity matrix, tiny and base size, padded texts; names HF -> ours -> HF unchanged."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -20,7 +18,7 @@ def models(tokenizer, size: str):
     config.image_text_hidden_size = 32 if tiny else 256
     torch.manual_seed(0)
     hf = randomize(BlipForImageTextRetrieval(config).eval())
-    ours = BlipRetrieval(replace(config_from_hf(config.to_dict(), "test"), embed_dim=config.image_text_hidden_size))
+    ours = BlipRetrieval(config_from_hf(config.to_dict(), "test"))  # embed_dim: image_text_hidden_size
     ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "test", RETRIEVAL), strict=True)
     return hf, ours.eval()
 
