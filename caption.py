@@ -142,7 +142,7 @@ def rerank(captioner, matcher, image, caption: str, args, generator) -> tuple[st
     matching model scores best, and its score (ties: the earlier candidate, the beam's first)."""
     samples = replace(args.decode, sample=True, num_beams=1, repetition_penalty=1.1)
     n = args.candidates - 1
-    others = captioner.caption([image] * n, args.prompt, samples, generator) if n else []
+    others = captioner.samples(image, n, args.prompt, samples, generator) if n else []
     candidates = list(dict.fromkeys([caption, *others]))  # distinct, in order
     scores = matcher.scores(image, candidates)
     best = int(scores.argmax())

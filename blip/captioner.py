@@ -11,7 +11,7 @@ import torch
 
 from .attention_map import word_maps
 from .checkpoint import load_tokenizer
-from .decoding import DecodeConfig, generate
+from .decoding import DecodeConfig, generate, generate_from
 from .image import load_image, preprocess
 from .model import BlipCaptioner, BlipRetrieval
 
@@ -91,6 +91,18 @@ class Captioner(OnDevice):
         if attention is not None:
             grid = self.model.config.vision.grid
             attention.extend(word_maps(self.tokenizer, i, m.cpu(), grid) for i, m in zip(ids, maps, strict=True))
+        return [self.tokenizer.decode(i) for i in ids]
+
+    @torch.inference_mode()
+    def samples(self, image, n: int, prompt: str = "", config: DecodeConfig | None = None,
+                generator: torch.Generator | None = None) -> list[str]:
+        """n captions of one image (PIL image or path) drawn by `config` (default: nucleus sampling),
+        the image encoded once for all of them."""
+        image = image if hasattr(image, "mode") else load_image(image)
+        pixels = preprocess([image], self.image_size).to(self.device, self.dtype)
+        tokens = self.model.encode_image(pixels).expand(n, -1, -1)  # (n, N, C), a view of one encoding
+        config = config or DecodeConfig(sample=True, top_p=0.9, repetition_penalty=1.1)
+        ids = generate_from(self.model, tokens, self.tokenizer.encode_prompt(prompt), config, generator)
         return [self.tokenizer.decode(i) for i in ids]
 
 
