@@ -8,7 +8,8 @@ train.py makes it; the same optimizer on both sides), full fine-tune. Ours runs 
 (loss summed over caption tokens, divided by their count; what backward recomputes as train.py's default for
 the device, blip/recompute.py); HF runs it the obvious way
 (`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
-sides alternated in one process. Peak memory: each side alone in a child process, the peak RSS of
+sides alternated in one process, whose malloc keeps freed memory for the next step as train.py's does
+(blip/heap.py; --default-malloc leaves glibc's settings). Peak memory: each side alone in a child process, the peak RSS of
 two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
 allocation on a GPU; weights, gradients, AdamW moments and activations are all in it.
 """
@@ -28,6 +29,7 @@ from common import add_common_args, apply_common_args, compare, same_weights
 
 from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
+from blip.heap import keep_freed_memory
 from blip.model import caption_labels, caption_loss
 from blip.recompute import MODES, default_mode
 
@@ -137,7 +139,7 @@ def peak_of(side: str, amp: str, weights: Path, args) -> float:
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     if args.plain_linear:
         cmd.append("--plain-linear")
-    cmd += ["--recompute", args.recompute]
+    cmd += ["--recompute", args.recompute] + (["--default-malloc"] if args.default_malloc else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**30
 
@@ -162,11 +164,16 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--recompute", choices=["auto", *MODES], default="auto",
                    help="what our backward recomputes (blip/recompute.py; default: train.py's, auto)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings as they are (train.py keeps freed memory for the next "
+                        "step, blip/heap.py; the setting is the process's, so both sides get it)")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
     backend = apply_common_args(args)
+    if not args.default_malloc:  # as train.py does; process-wide, so HF's steps get it too
+        keep_freed_memory()
     if args.child:
         return child(args)
     device = torch.device(args.device)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import recompute
+from .attention import attention
 from .config import TextConfig
 from .linear import Linear, PackedWeight, linear
 
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         q = self.split_heads(self.query(x))  # (B, heads, T, hd)
         q = q.view(Bk, G, H, T, hd).transpose(1, 2).reshape(Bk, H, G * T, hd)  # (Bk, heads, G*T, hd)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
+        y = attention(q, k, v, mask, is_causal, p)
         if weights is not None:  # unmasked (cross-)attention only, as in decoding
             if mask is not None or is_causal:
                 raise ValueError("attention weights are recorded for unmasked (cross-)attention only")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import recompute
+from .attention import attention
 from .config import VisionConfig
 from .linear import Linear
 
@@ -40,7 +41,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, hd)
+        x = attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 
