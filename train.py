@@ -49,7 +49,7 @@ from blip.checkpoint import (
 )
 from blip.data import Collate, DataError, EvalSet, TrainSet, check_images, clean_caption, epoch_order, read_splits
 from blip.decoding import DecodeConfig, generate_from
-from blip.heap import keep_freed_memory
+from blip.memory import keep_freed_memory
 from blip.metrics import caption_scores
 from blip.model import BlipCaptioner, caption_labels, caption_loss
 from blip.report import thumbnail, write_report
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
 
     # --- processes -------------------------------------------------------------------------------
-    keep_freed_memory()  # fewer page faults per step (blip/heap.py)
+    keep_freed_memory()  # fewer page faults per step (blip/memory.py)
     distributed = "RANK" in os.environ  # started by torchrun
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

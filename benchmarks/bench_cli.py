@@ -1,7 +1,7 @@
 """Whole processes, as a user runs them: `python caption.py ...` against the shortest HF script that does
 the same (import transformers, `from_pretrained`, `BlipProcessor`, `generate`), same weights.
 
-    python benchmarks/bench_cli.py [--repeats 3] [--threads 2] [--dtype fp32]
+    python benchmarks/bench_cli.py [--repeats 3] [--threads 2] [--dtype fp32] [--packed-linear]
 
 Builds a base-size model with random weights: an HF snapshot (model and a BlipProcessor whose WordPiece
 vocabulary has BERT's 30522 entries) and our folder converted from it by convert_weights.py, and 8 photos
@@ -92,6 +92,16 @@ def build(tmp: Path):
     return tmp / "hf", tmp / "ours", sorted(photos.iterdir())
 
 
+# our side with the packed oneDNN path on (blip/linear.py), as it runs by default on non-Intel CPUs
+PACKED = """
+import runpy, sys
+from blip import linear
+linear.ONEDNN = linear.AVAILABLE
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run(cmd: list[str], env: dict) -> dict:
     """One child process: wall time, time to its first output line, peak RSS, exit code."""
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty stderr cannot block the child
@@ -116,7 +126,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="runs of each side per case (median reported)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of both children (default: 2)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations of both sides")
+    p.add_argument("--packed-linear", action="store_true",
+                   help="run ours with the packed oneDNN linear path, as on AMD CPUs, also where it is not the "
+                        "default (Intel CPUs)")
     args = p.parse_args()
+    ours_cmd = [sys.executable, "-c", PACKED, "caption.py"] if args.packed_linear else [sys.executable, "caption.py"]
     tmp = Path(tempfile.mkdtemp(prefix="bench_cli_"))
     try:
         hf, ours, photos = build(tmp)
@@ -124,10 +138,10 @@ def main():
         torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
         cases = {
             "(a) 1 photo, defaults": (
-                [sys.executable, "caption.py", str(photos[0]), "--checkpoint", str(ours), "--dtype", args.dtype],
+                [*ours_cmd, str(photos[0]), "--checkpoint", str(ours), "--dtype", args.dtype],
                 [sys.executable, "-c", HF_SCRIPT, str(hf), "3", "5", "20", torch_dtype, str(photos[0])]),
             "(b) 8 photos, beam 3, 20 tokens": (
-                [sys.executable, "caption.py", str(photos[0].parent), "--checkpoint", str(ours), "--beams", "3",
+                [*ours_cmd, str(photos[0].parent), "--checkpoint", str(ours), "--beams", "3",
                  "--min-length", "20", "--max-length", "20", "--batch-size", "8", "--dtype", args.dtype],
                 [sys.executable, "-c", HF_SCRIPT, str(hf), "3", "20", "20", torch_dtype, *map(str, photos)]),
         }
@@ -143,7 +157,8 @@ def main():
 
     import torch
 
-    print(f"base, cpu {args.dtype}, OMP_NUM_THREADS={args.threads}, torch {torch.__version__}, whole processes, "
+    linear = "packed oneDNN linear" if args.packed_linear else "linear: this CPU's default"
+    print(f"base, cpu {args.dtype}, {linear}, OMP_NUM_THREADS={args.threads}, torch {torch.__version__}, whole processes, "
           f"median of {args.repeats}, ours and HF alternated")
     print(f"{'':32s} {'wall ours':>9s} {'HF':>7s} {'HF/ours':>8s} | {'1st line ours':>13s} {'HF':>6s} | "
           f"{'peak RSS ours':>13s} {'HF':>6s} {'ours/HF':>8s}")

@@ -9,7 +9,7 @@ train.py makes it; the same optimizer on both sides), full fine-tune. Ours runs 
 the device, blip/recompute.py); HF runs it the obvious way
 (`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
 sides alternated in one process, whose malloc keeps freed memory for the next step as train.py's does
-(blip/heap.py; --default-malloc leaves glibc's settings). Peak memory: each side alone in a child process, the peak RSS of
+(blip/memory.py; --default-malloc leaves glibc's settings). Peak memory: each side alone in a child process, the peak RSS of
 two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
 allocation on a GPU; weights, gradients, AdamW moments and activations are all in it.
 """
@@ -29,7 +29,7 @@ from common import add_common_args, apply_common_args, compare, same_weights
 
 from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
-from blip.heap import keep_freed_memory
+from blip.memory import keep_freed_memory
 from blip.model import caption_labels, caption_loss
 from blip.recompute import MODES, default_mode
 
@@ -166,7 +166,7 @@ def main():
                    help="what our backward recomputes (blip/recompute.py; default: train.py's, auto)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings as they are (train.py keeps freed memory for the next "
-                        "step, blip/heap.py; the setting is the process's, so both sides get it)")
+                        "step, blip/memory.py; the setting is the process's, so both sides get it)")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)

@@ -5,11 +5,12 @@ the same purpose) runs the same product on weights it has re-laid out once ("pac
 kernels. On the AMD EPYC (AVX-512) machines this project is measured on, that is 2-5x faster, from
 the few rows of a decoding step to the 577-token rows of a ViT forward (`benchmarks/*.py
 --plain-linear` shows the difference); on Intel CPUs it is not (`ONEDNN` below). So on other CPUs,
-when no gradient is being recorded, a fp32 CPU linear
-packs its weight on first use, keeps the packed copy (one more copy of the weights in memory) and
-repacks it whenever the weight changes. Everywhere else (training, CUDA, other dtypes) it is plain
-`F.linear`. Same maths; the summation order differs, so results agree with `F.linear` to fp32
-rounding, not bit for bit.
+when no gradient is being recorded, a fp32 CPU linear packs its weight on first use, keeps the
+packed copy and repacks it whenever the weight changes. A loaded checkpoint's weights are its
+file's pages: once a weight is packed, those pages are given back to the kernel (blip/memory.py),
+so the weights are in memory once, packed, not twice. Everywhere else (training, CUDA, other
+dtypes) it is plain `F.linear`. Same maths; the summation order differs, so results agree with
+`F.linear` to fp32 rounding, not bit for bit.
 
 The packed path runs in eval mode only, and the packed copy is dropped whenever the module switches
 between training and eval mode: fused optimizers (AdamW(fused=True), which train.py uses) update
@@ -21,6 +22,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .memory import drop_file_pages
 
 
 def _cpu_vendor() -> str:
@@ -58,6 +61,7 @@ class PackedWeight(nn.Module):
         if key is None or key[0]() is not weight or key[1:] != (weight.data_ptr(), weight._version):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             self.key = (weakref.ref(weight), weight.data_ptr(), weight._version)
+            drop_file_pages(weight)  # read from now on only packed; read again from the file if ever needed
         return self.packed
 
     def __getstate__(self):  # a packed tensor cannot be copied or pickled; the copy repacks

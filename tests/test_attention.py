@@ -1,8 +1,5 @@
 """blip/attention.py: the bf16 CPU training path gives SDPA's output and gradients as accurate as
-autograd's own bf16 attention; everything else is SDPA unchanged. blip/heap.py: freed memory is kept."""
-
-import subprocess
-import sys
+autograd's own bf16 attention; everything else is SDPA unchanged."""
 
 import pytest
 import torch
@@ -85,30 +82,3 @@ def test_everything_else_is_sdpa(case):
     if case != "dropout":
         args = dict(attn_mask=kwargs.get("mask"), is_causal=kwargs.get("is_causal", False))
         assert torch.equal(y, F.scaled_dot_product_attention(q, k, v, **args))
-
-
-KEEP = """
-import resource, sys
-import torch
-from blip.heap import keep_freed_memory
-if not keep_freed_memory():
-    print("unsupported")
-    sys.exit()
-faults = []
-for _ in range(8):  # as a training step: activations made, written, then all freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    activations = [torch.empty(2 * 2**20).fill_(1.0) for _ in range(10)]  # 10 x 8 MB
-    del activations
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[4:]))
-"""
-
-
-def test_freed_memory_is_reused_without_page_faults():
-    """After the first rounds the heap holds what a round needs: no fresh pages. (With glibc's default
-    settings about every other such process trims the heap after each round and maps 20,000 fresh
-    pages the next one.)"""
-    out = subprocess.run([sys.executable, "-c", KEEP], capture_output=True, text=True, check=True).stdout.strip()
-    if out == "unsupported":
-        pytest.skip("not glibc on Linux")
-    assert int(out) < 100

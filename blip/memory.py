@@ -1,0 +1,85 @@
+"""The process's memory, where PyTorch leaves it to the C library and the kernel (Linux; elsewhere
+both functions do nothing).
+
+Training: keep what a step frees for the next step. A training step makes and frees the same large
+tensors every step: activations, gradients, the temporaries of backward. glibc's malloc gives
+blocks from 128 KB up (a threshold that grows to at most 32 MB) back to the kernel when they are
+freed, and trims the free top of its heap, so the next step touches fresh pages again and the
+kernel zeroes each one on its first touch. For the base model at batch 4 on the CPU that is about
+250,000 page faults (1 GB) per step, 0.3-1.5 s of kernel time on 2 cores
+(benchmarks/bench_train.py). `keep_freed_memory` makes malloc serve blocks up to 32 MB from its heap
+and trim the heap only past 1 GB of free memory. The peak memory of a step stays the same
+(measured): the next step takes the freed blocks again.
+
+Captioning: give back a checkpoint's pages once nothing reads them. A loaded checkpoint's weights
+are the pages of its file, mapped copy-on-write (blip/checkpoint.py). Where the packed CPU path runs
+(blip/linear.py), it reads each weight once to pack it and then only ever reads the packed copy:
+`drop_file_pages` unmaps the weight's pages (MADV_DONTNEED). They stay in the kernel's file cache,
+and the weight reads the same values from it should anything read it again (saving, training). The
+kernel is asked only when every page of the weight is still the file's: a page the process has
+written (a weight changed in place) has no other copy, and dropping it would lose the change, so
+then nothing is dropped (/proc/self/pagemap tells which pages are which).
+"""
+
+import ctypes
+import functools
+import mmap
+import sys
+
+import torch
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 * 2**20  # glibc's own upper limit for this setting on 64-bit machines
+TRIM_THRESHOLD = 2**30
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; other C libraries (musl) have no such file
+    except OSError:
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed blocks for reuse. True when it took the settings."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def drop_file_pages(t) -> bool:
+    """Unmap the whole pages of CPU tensor `t` when every one is still a mapped file's (a loaded
+    checkpoint's, unchanged); leave any other memory alone. True when the pages were unmapped."""
+    libc = _libc()
+    if libc is None or t.device.type != "cpu":
+        return False
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only: neighbours keep theirs
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start or not _file_pages(start, end):
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, mmap.MADV_DONTNEED) == 0
+
+
+def _file_pages(start: int, end: int) -> bool:
+    """Whether each page from `start` to `end` holds a file's data, unchanged (or was never touched):
+    /proc/self/pagemap has a 64-bit entry per page, bit 63 present, 62 swapped, 61 a file's page."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            raw = bytearray(f.read((end - start) // page * 8))
+    except OSError:
+        return False
+    if len(raw) != (end - start) // page * 8:
+        return False
+    entries = torch.frombuffer(raw, dtype=torch.int64)
+    files = (entries >> 61) & 1 == 1
+    untouched = (entries >> 62) & 3 == 0  # neither present nor swapped: nothing written
+    return bool((files | untouched).all())
