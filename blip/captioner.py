@@ -59,7 +59,8 @@ class OnDevice:
     @classmethod
     def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto"):
         device = pick_device(device)
-        return cls(cls.model_class.from_pretrained(folder), load_tokenizer(folder), device, pick_dtype(dtype, device))
+        dtype = pick_dtype(dtype, device)  # loaded in it: the file's fp32 pages are never all held beside it
+        return cls(cls.model_class.from_pretrained(folder, dtype=dtype), load_tokenizer(folder), device, dtype)
 
 
 class Captioner(OnDevice):

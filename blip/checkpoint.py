@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BlipConfig
+from .memory import drop_file_pages
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -74,9 +75,11 @@ def read_config(folder, architecture: str = "BlipCaptioner") -> BlipConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(folder, model_class, map_location="cpu", config: BlipConfig | None = None):
+def load_model(folder, model_class, map_location="cpu", config: BlipConfig | None = None,
+               dtype: torch.dtype | None = None):
     """The folder's `model_class` model (BlipCaptioner, BlipRetrieval); `config` (default: the
-    folder's own) may change what weights do not fix, such as dropout."""
+    folder's own) may change what weights do not fix, such as dropout. `dtype` (default fp32) is
+    the dtype of its floating-point weights."""
     folder = Path(folder)
     config = config or read_config(folder, model_class.__name__)
     path = _need(folder, WEIGHTS)
@@ -92,7 +95,10 @@ def load_model(folder, model_class, map_location="cpu", config: BlipConfig | Non
         model = model_class(config)
     expected = model.state_dict()
     check_state_dict(state, expected, str(path))
-    state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # a bf16 file still loads as fp32
+    for k, v in state.items():  # a bf16 file still loads as fp32 by default
+        state[k] = v.to(dtype if dtype is not None and v.is_floating_point() else expected[k].dtype)
+        if state[k] is not v:  # converted: the file's pages of it can go now, not all at the end
+            drop_file_pages(v)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(map_location).eval()
 

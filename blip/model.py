@@ -25,9 +25,10 @@ class Pretrained(nn.Module):
     """Our checkpoint folder (blip/checkpoint.py) for both model classes: config.json says which."""
 
     @classmethod
-    def from_pretrained(cls, folder, map_location="cpu", config: BlipConfig | None = None):
-        """The folder's model; `config` (default: the folder's) may change what weights do not fix."""
-        return load_model(folder, cls, map_location, config)
+    def from_pretrained(cls, folder, map_location="cpu", config: BlipConfig | None = None, dtype=None):
+        """The folder's model; `config` (default: the folder's) may change what weights do not fix;
+        `dtype` (default fp32) is its weights' dtype."""
+        return load_model(folder, cls, map_location, config, dtype)
 
     def save_pretrained(self, folder, tokenizer=None):
         """Write config.json and model.safetensors (and tokenizer.json when given) to `folder`."""

@@ -73,6 +73,16 @@ def test_loading_takes_the_files_weights_without_drawing_any(ours_tiny):
     assert not any(b.is_meta for b in model.buffers())
 
 
+def test_loading_in_bf16_converts_each_weight(ours_tiny):
+    """load_model(dtype=bf16) (what `caption.py --dtype bf16` loads): every floating-point weight is the
+    file's, rounded to bf16, one weight at a time; the rest keeps its dtype."""
+    model = load_model(ours_tiny, BlipCaptioner, dtype=torch.bfloat16)
+    saved = load_file(str(ours_tiny / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        want = saved[name].to(torch.bfloat16) if saved[name].is_floating_point() else saved[name]
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+
+
 def test_bin_snapshot_with_tied_weights_converts_the_same(hf_tiny, ours_tiny, vocab_dir, tmp_path, capsys):
     """Older hub files are pytorch_model.bin and store the tied LM-head weights and position_ids."""
     hf, snapshot = hf_tiny
