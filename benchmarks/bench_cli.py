@@ -173,7 +173,8 @@ def main():
     import torch
 
     linear = "packed oneDNN linear" if args.packed_linear else "linear: this CPU's default"
-    print(f"base, cpu {args.dtype}, {linear}, OMP_NUM_THREADS={args.threads}, torch {torch.__version__}, whole processes, "
+    print(f"base, cpu {args.dtype}, {linear}, OMP_NUM_THREADS={args.threads}, torch {torch.__version__}, "
+          f"whole processes, "
           f"median of {args.repeats}, ours and HF alternated")
     print(f"{'':32s} {'wall ours':>9s} {'HF':>7s} {'HF/ours':>8s} | {'1st line ours':>13s} {'HF':>6s} | "
           f"{'peak RSS ours':>13s} {'HF':>6s} {'ours/HF':>8s}")

@@ -9,8 +9,8 @@ train.py makes it; the same optimizer on both sides), full fine-tune. Ours runs 
 the device, blip/recompute.py); HF runs it the obvious way
 (`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
 sides alternated in one process, whose malloc keeps freed memory for the next step as train.py's does
-(blip/memory.py; --default-malloc leaves glibc's settings). Peak memory: each side alone in a child process, the peak RSS of
-two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
+(blip/memory.py; --default-malloc leaves glibc's settings). Peak memory: each side alone in a child
+process, the peak RSS of two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
 allocation on a GPU; weights, gradients, AdamW moments and activations are all in it.
 """
 

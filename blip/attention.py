@@ -45,7 +45,8 @@ def _bf16_cpu_training(*tensors: torch.Tensor) -> bool:
 class _FusedForwardMatmulBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)  # lse: (B, heads, T) fp32
+        # o: (B, heads, T, hd); lse: (B, heads, T) fp32, the log-sum-exp of each row of scores
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 

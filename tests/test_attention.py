@@ -34,7 +34,7 @@ def eager_bf16_grads(q, k, v, do):
 
 
 def rel_err(grads, ref):
-    return max(((a.double() - b).norm() / b.norm()).item() for a, b in zip(grads, ref))
+    return max(((a.double() - b).norm() / b.norm()).item() for a, b in zip(grads, ref, strict=True))
 
 
 @pytest.mark.parametrize(("B", "H", "T", "S", "hd", "chunk"), [
@@ -50,7 +50,7 @@ def test_bf16_training_gives_sdpa_output_and_accurate_gradients(monkeypatch, B, 
     assert torch.equal(y, F.scaled_dot_product_attention(q, k, v))  # the same fused forward
     do = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     grads = torch.autograd.grad(y, (q, k, v), do)
-    assert all(g.dtype == torch.bfloat16 and g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+    assert all(g.dtype == torch.bfloat16 and g.shape == t.shape for g, t in zip(grads, (q, k, v), strict=True))
     ref = reference_grads(q, k, v, do)
     # bf16 keeps 8 significant bits; the measure is autograd's own bf16 attention (HF's BLIP computes
     # it so): within twice its error (1.0-1.6x measured), under 1% of the gradients' norm

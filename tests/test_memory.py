@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_model import batch
 
 from blip import BlipCaptioner, linear
 from blip.checkpoint import load_model
 from blip.memory import drop_file_pages
-from test_model import batch
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and madvise")
 
@@ -115,9 +115,9 @@ print(sum(faults[4:]))
 
 
 def test_freed_memory_is_reused_without_page_faults():
-    """A training process: after the first rounds the heap holds what a round needs: no fresh pages. (With glibc's default
-    settings about every other such process trims the heap after each round and maps 20,000 fresh
-    pages the next one.)"""
+    """A training process: after the first rounds the heap holds what a round needs, no fresh pages.
+    (With glibc's default settings about every other such process trims the heap after each round
+    and maps 20,000 fresh pages the next one.)"""
     out = subprocess.run([sys.executable, "-c", KEEP], capture_output=True, text=True, check=True).stdout.strip()
     if out == "unsupported":
         pytest.skip("not glibc on Linux")
