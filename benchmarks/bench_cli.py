@@ -132,6 +132,7 @@ def run(cmd: list[str], env: dict) -> dict:
             err.seek(0)
             raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{err.read()[-2000:]}")
         child = json.load(report)
+    first = first if first is not None else child["end"]  # no output: the end is when it would have come
     return {"wall": child["end"] - child["start"], "first": first - child["start"],
             "rss": child["rss"] * 1024 / 2**30, "lines": lines}
 

@@ -3,24 +3,28 @@ the CPU.
 
 The model attends through PyTorch's fused attention (`F.scaled_dot_product_attention`): on the CPU
 its "flash" kernel never holds a (T x S) matrix of attention probabilities. Its backward in bf16,
-though, runs well below the machine's matrix rate: for the base ViT at batch 4 (577 tokens, 12
-heads) one layer's backward takes 74 ms, where the same gradients from batched matrix products
-(which run on the CPU's bf16 matrix units) take 39 ms. A whole base training step in bf16 went from
-3.12 s to 2.77 s (Intel Xeon with AMX, 2 threads). In fp32 the two backwards take the same time,
-so fp32 keeps the fused one. So when training in bf16 on the CPU, `attention` keeps the fused
-kernel's forward and the log-sum-exp of each row of scores it returns, and computes the gradients
-itself (FlashAttention-2's backward, in matrix products), a few heads at a time so that the
-probabilities it makes again stay small:
+though, runs well below the machine's matrix rate. So when training in bf16 on the CPU, `attention`
+keeps the fused kernel's forward and the log-sum-exp of each row of scores it returns, and computes
+the gradients itself (FlashAttention-2's backward, in batched matrix products, which run on the
+CPU's bf16 units), a few heads at a time so that the probabilities it makes again stay small:
 
-    P  = exp((q s) kᵀ − lse)            the probabilities again, in fp32 (s = 1/√hd)
+    P  = exp((q s) kᵀ − lse)            the probabilities again (s = 1/√hd)
     dv = Pᵀ do
     dP = do vᵀ
     dS = P ∘ (dP − rowsum(do ∘ o))      softmax's backward
-    dq = dS k s,   dk = dSᵀ (q s)
+    dq = dS k s,   dk = dSᵀ q s
 
-The products round P and dS to bf16, as autograd's own bf16 attention does: the gradients are within
-1.0-1.6x of its error against fp64 (tests/test_attention.py; the fused backward, which keeps them
-in fp32, is closer still). Everything else (fp32, GPUs, masks, dropout, inference) is
+Measured on an Intel Xeon with AMX, 2 threads: the base ViT's attention at batch 4 (577 tokens, 12
+heads), forward and backward, 87 ms against the fused kernel's 98 ms; a whole base training step
+in bf16 3.56 s against 3.98 s (median of 6, alternated). In fp32 the two backwards take the same
+time, so fp32 keeps the fused one.
+
+The scores are made again in fp32, as the forward made them: rounded to bf16 before exp, peaked
+attention's probabilities would be off by several percent. The products then round P and dS to
+bf16, as autograd's own bf16 attention does. Against fp64, for uniform to peaked attention (scores
+of std 1 to 16), the gradients are 1.4-5x closer than that attention's and within 1.0-1.6x the
+error of the fused backward, which never rounds P (tests/test_attention.py). Everything else (fp32,
+GPUs, masks, dropout, inference, inputs the fused kernel does not take) is
 `F.scaled_dot_product_attention` as is.
 """
 
@@ -32,7 +36,8 @@ CHUNK = 2**21  # elements of P made at once in backward: a few heads (8 MB in fp
 
 def attention(q, k, v, mask=None, is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
     """q: (B, heads, T, hd); k, v: (B, heads, S, hd) -> (B, heads, T, hd)."""
-    if mask is None and not is_causal and dropout_p == 0.0 and _bf16_cpu_training(q, k, v):
+    plain = mask is None and not is_causal and dropout_p == 0.0
+    if plain and _bf16_cpu_training(q, k, v) and _flash_fits(q, k, v):
         return _FusedForwardMatmulBackward.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
 
@@ -40,6 +45,13 @@ def attention(q, k, v, mask=None, is_causal: bool = False, dropout_p: float = 0.
 def _bf16_cpu_training(*tensors: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors))
+
+
+def _flash_fits(q, k, v) -> bool:
+    """What SDPA checks before it calls the CPU flash kernel: rows of unit stride, no empty sequence,
+    one head size (elsewhere it takes its plain path, and so do we)."""
+    return (all(t.stride(-1) == 1 for t in (q, k, v)) and q.shape[2] > 0 and k.shape[2] > 0
+            and q.shape[-1] == k.shape[-1] == v.shape[-1])
 
 
 class _FusedForwardMatmulBackward(torch.autograd.Function):
@@ -58,15 +70,18 @@ class _FusedForwardMatmulBackward(torch.autograd.Function):
         s = hd**-0.5
         rows = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, heads, T, 1): rowsum(do ∘ o)
         lse = lse.unsqueeze(-1)  # (B, heads, T, 1)
-        q_s, k, v, do = (q * s).contiguous(), k.contiguous(), v.contiguous(), do.contiguous()  # bmm reads rows
-        dq, dk, dv = torch.empty_like(q_s), torch.empty_like(k), torch.empty_like(v)
+        # the scores again in fp32, as the forward made them: rounded to bf16 before exp, the probabilities
+        # of peaked attention would be off by a few percent
+        q32, k32 = (q.float() * s).contiguous(), k.float().contiguous()
+        q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()  # bmm reads rows
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         step = max(1, min(H, CHUNK // (T * S)))
         for b in range(B):
             for h in range(0, H, step):
                 i = (b, slice(h, h + step))
-                p = (q_s[i] @ k[i].transpose(1, 2)).float().sub_(lse[i]).exp_()  # (heads, T, S) fp32
+                p = torch.bmm(q32[i], k32[i].transpose(1, 2)).sub_(lse[i]).exp_()  # (heads, T, S) fp32
                 torch.bmm(p.to(q.dtype).transpose(1, 2), do[i], out=dv[i])
                 ds = (do[i] @ v[i].transpose(1, 2)).float().sub_(rows[i]).mul_(p).to(q.dtype)  # (heads, T, S)
                 torch.bmm(ds, k[i], out=dq[i])
-                torch.bmm(ds.transpose(1, 2), q_s[i], out=dk[i])
-        return dq.mul_(s), dk, dv
+                torch.bmm(ds.transpose(1, 2), q[i], out=dk[i])
+        return dq.mul_(s), dk.mul_(s), dv

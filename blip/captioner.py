@@ -59,8 +59,10 @@ class OnDevice:
     @classmethod
     def from_pretrained(cls, folder, device: str = "auto", dtype: str = "auto"):
         device = pick_device(device)
-        dtype = pick_dtype(dtype, device)  # loaded in it: the file's fp32 pages are never all held beside it
-        return cls(cls.model_class.from_pretrained(folder, dtype=dtype), load_tokenizer(folder), device, dtype)
+        dtype = pick_dtype(dtype, device)
+        # on the CPU, loaded in that dtype: the file's fp32 pages are never all held beside it
+        model = cls.model_class.from_pretrained(folder, dtype=dtype if device.type == "cpu" else None)
+        return cls(model, load_tokenizer(folder), device, dtype)
 
 
 class Captioner(OnDevice):

@@ -53,10 +53,12 @@ def keep_freed_memory() -> bool:
 
 
 def drop_file_pages(t) -> bool:
-    """Unmap the whole pages of CPU tensor `t` when every one is still a mapped file's (a loaded
-    checkpoint's, unchanged); leave any other memory alone. True when the pages were unmapped."""
+    """Unmap the whole pages of contiguous CPU tensor `t` when every one is still a mapped file's (a
+    loaded checkpoint's, unchanged); leave any other memory alone. True when the pages were unmapped.
+    Nothing may write `t` meanwhile (the check and the unmapping are two steps): our callers hold
+    weights no other thread changes."""
     libc = _libc()
-    if libc is None or t.device.type != "cpu":
+    if libc is None or t.device.type != "cpu" or not t.is_contiguous():
         return False
     page = mmap.PAGESIZE
     start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only: neighbours keep theirs

@@ -4,6 +4,7 @@ their pages once packed, and never lose a change."""
 import mmap
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,14 @@ def test_packed_checkpoint_weights_are_in_memory_once(ours_tiny, tokenizer, monk
     """Captioning with the packed path gives back the checkpoint's pages of the weights it packed; the
     weights still read as the file's."""
     monkeypatch.setattr(linear, "ONEDNN", True)
+    dropped = {}  # weight -> whole pages resident right after drop_file_pages (later reads of its file
+    # neighbours, such as a bias, may map some back: the kernel maps cached pages around a fault)
+
+    def drop(t):
+        dropped[t] = drop_file_pages(t) and resident_pages(t)
+        return dropped[t] is not False
+
+    monkeypatch.setattr(linear, "drop_file_pages", drop)
     model = load_model(ours_tiny, BlipCaptioner)
     file = BlipCaptioner.from_pretrained(ours_tiny).state_dict()
     fc1 = model.visual_encoder.blocks[0].mlp.fc1.weight
@@ -75,7 +84,7 @@ def test_packed_checkpoint_weights_are_in_memory_once(ours_tiny, tokenizer, monk
     assert resident_pages(fc1) > 0
     with torch.no_grad():
         model(*batch(tokenizer))
-    assert resident_pages(fc1) == 0
+    assert dropped[fc1] == 0
     assert all(torch.equal(v, file[k]) for k, v in model.state_dict().items())
 
 
@@ -118,7 +127,8 @@ def test_freed_memory_is_reused_without_page_faults():
     """A training process: after the first rounds the heap holds what a round needs, no fresh pages.
     (With glibc's default settings about every other such process trims the heap after each round
     and maps 20,000 fresh pages the next one.)"""
-    out = subprocess.run([sys.executable, "-c", KEEP], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", KEEP], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.strip()
     if out == "unsupported":
         pytest.skip("not glibc on Linux")
     assert int(out) < 100
