@@ -92,6 +92,7 @@ def parse_args(argv=None):
         args.decode.validate()
     except ValueError as e:
         p.error(str(e))
+    args.sampling = replace(args.decode, sample=True, num_beams=1, repetition_penalty=1.1)  # --rerank's candidates
     return args
 
 
@@ -137,12 +138,12 @@ class Writer:
         self.out.flush()
 
 
-def rerank(captioner, matcher, image, caption: str, args, generator) -> tuple[str, float]:
-    """The beam-search caption and --candidates - 1 nucleus samples of one image -> the candidate the
-    matching model scores best, and its score (ties: the earlier candidate, the beam's first)."""
-    samples = replace(args.decode, sample=True, num_beams=1, repetition_penalty=1.1)
+def rerank(captioner, matcher, image, tokens, caption: str, args, generator) -> tuple[str, float]:
+    """The beam-search caption and --candidates - 1 nucleus samples (args.sampling) of one image, whose
+    (1, N, C) tokens the beam search read -> the candidate the matching model scores best, and its
+    score (ties: the earlier candidate, the beam's first)."""
     n = args.candidates - 1
-    others = captioner.samples(image, n, args.prompt, samples, generator) if n else []
+    others = captioner.samples(tokens, n, args.prompt, args.sampling, generator) if n else []
     candidates = list(dict.fromkeys([caption, *others]))  # distinct, in order
     scores = matcher.scores(image, candidates)
     best = int(scores.argmax())
@@ -199,14 +200,15 @@ def main(argv=None) -> int:
                 continue
             maps = [] if args.attention_map else None
             with Trace(captioner.model, captioner.tokenizer) if args.trace else nullcontext() as trace:
-                captions = captioner.caption([im for _, im in batch], args.prompt, args.decode, generator,
-                                             attention=maps)
+                images = [im for _, im in batch]  # encoded once when the samples of --rerank read them too
+                source = captioner.encode(images) if matcher is not None else images
+                captions = captioner.caption(source, args.prompt, args.decode, generator, attention=maps)
             if trace is not None:
                 names = ", ".join(str(path) for path, _ in batch)
                 tqdm.write("\n".join([f"trace of {names}", *trace.lines]), file=sys.stderr)
             for i, ((path, im), caption) in enumerate(zip(batch, captions, strict=True)):
                 if matcher is not None:
-                    caption, score = rerank(captioner, matcher, im, caption, args, generator)
+                    caption, score = rerank(captioner, matcher, im, source[i : i + 1], caption, args, generator)
                     writer.write(path, caption, score)
                 else:
                     writer.write(path, caption)

@@ -289,8 +289,7 @@ def main(argv=None) -> int:
     model.to(device).train()
     if args.freeze_vision:
         model.visual_encoder.requires_grad_(False)
-    mode = args.grad_checkpointing
-    model.set_recompute(recompute.default_mode(model, device) if mode == "auto" else mode)
+    model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, device))
     prompt_length = len(tokenizer.tokens(args.prompt))
     size = config.vision.image_size
 

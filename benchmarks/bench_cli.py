@@ -63,23 +63,12 @@ def make_vocab(path: Path):
 
 def build(tmp: Path):
     """HF snapshot, our converted folder, and 8 photos under `tmp`."""
-    import torch
-    from transformers import (
-        BertTokenizerFast,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
+    from common import hf_model
+    from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
 
     make_vocab(tmp / "vocab.txt")
     tokenizer = BertTokenizerFast(str(tmp / "vocab.txt"), bos_token="[DEC]", additional_special_tokens=["[ENC]"])
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config={"num_attention_heads": 12})).eval()
-    with torch.no_grad():  # HF initialises the ViT near zero; make image tokens differ by image
-        for p in model.vision_model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(tmp / "hf")
+    hf_model("base").save_pretrained(tmp / "hf")
     BlipProcessor(BlipImageProcessor(), tokenizer).save_pretrained(tmp / "hf")
     subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), str(tmp / "hf"), str(tmp / "ours")],
                    check=True, stdout=subprocess.DEVNULL)

@@ -31,7 +31,7 @@ from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
 from blip.memory import keep_freed_memory
 from blip.model import caption_labels, caption_loss
-from blip.recompute import MODES, default_mode
+from blip.recompute import MODES, pick_mode
 
 HERE = Path(__file__).resolve()
 
@@ -73,7 +73,7 @@ def steppers(hf, ours, batch, amp: str, device, recompute: str = "auto"):
         return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=True)
 
     if ours is not None:  # what backward keeps: train.py's default for this device unless --recompute says
-        ours.set_recompute(default_mode(ours, device) if recompute == "auto" else recompute)
+        ours.set_recompute(pick_mode(recompute, ours, device))
     opt_ours = optimizer(ours) if ours is not None else None
     opt_hf = optimizer(hf) if hf is not None else None
 

@@ -51,23 +51,28 @@ def compare(ours, theirs, repeats: int, device: torch.device | None = None):
     return statistics.median(times[0]), statistics.median(times[1]), out[0], out[1]
 
 
-def same_weights(size: str = "base", retrieval: bool = False):
-    """(HF model, ours) with random weights, identical values: BlipForConditionalGeneration and our
-    BlipCaptioner, or with retrieval BlipForImageTextRetrieval and our BlipRetrieval."""
+def hf_model(size: str = "base", retrieval: bool = False):
+    """An HF BlipForConditionalGeneration (or BlipForImageTextRetrieval) with seeded random weights."""
     import transformers
 
-    from blip import BlipRetrieval
-    from blip.convert import CAPTIONER, RETRIEVAL
-
-    hf_class, ours_class, layout = ((transformers.BlipForImageTextRetrieval, BlipRetrieval, RETRIEVAL) if retrieval
-                                    else (transformers.BlipForConditionalGeneration, BlipCaptioner, CAPTIONER))
+    hf_class = transformers.BlipForImageTextRetrieval if retrieval else transformers.BlipForConditionalGeneration
     torch.manual_seed(0)
     vision = {} if size == "base" else LARGE_VISION
-    hf_cfg = transformers.BlipConfig(text_config={"num_attention_heads": 12}, vision_config=vision)
-    hf = hf_class(hf_cfg).eval()
+    hf = hf_class(transformers.BlipConfig(text_config={"num_attention_heads": 12}, vision_config=vision)).eval()
     with torch.no_grad():  # HF initialises the ViT near zero; make image tokens differ by image
         for p in hf.vision_model.parameters():
             p.normal_(0, 0.02)
-    ours = ours_class(config_from_hf(hf_cfg.to_dict(), "benchmark")).eval()  # embed_dim included
+    return hf
+
+
+def same_weights(size: str = "base", retrieval: bool = False):
+    """(HF model, ours) with random weights, identical values: BlipForConditionalGeneration and our
+    BlipCaptioner, or with retrieval BlipForImageTextRetrieval and our BlipRetrieval."""
+    from blip import BlipRetrieval
+    from blip.convert import CAPTIONER, RETRIEVAL
+
+    ours_class, layout = (BlipRetrieval, RETRIEVAL) if retrieval else (BlipCaptioner, CAPTIONER)
+    hf = hf_model(size, retrieval)
+    ours = ours_class(config_from_hf(hf.config.to_dict(), "benchmark")).eval()  # embed_dim included
     ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "benchmark", layout), strict=True)
     return hf, ours

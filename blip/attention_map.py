@@ -33,7 +33,7 @@ def heat(value: float) -> tuple[int, int, int]:
     return 240, int(230 * t), 0
 
 
-PALETTE = [heat(i / 255) for i in range(256)]
+PALETTE = [c for i in range(256) for c in heat(i / 255)]  # PIL's flat r, g, b, r, g, b, ...
 
 
 def draw(image: Image.Image, words: list[str], maps: torch.Tensor, panel: int = 160, columns: int = 5) -> Image.Image:
@@ -49,7 +49,7 @@ def draw(image: Image.Image, words: list[str], maps: torch.Tensor, panel: int = 
         scaled = (m / m.max().clamp_min(1e-12) * 255).round().byte().numpy()
         hot = Image.fromarray(scaled).resize((panel, panel), Image.Resampling.BICUBIC)
         colour = hot.convert("P")
-        colour.putpalette([c for rgb in PALETTE for c in rgb])
+        colour.putpalette(PALETTE)
         panel_image = Image.blend(base, colour.convert("RGB"), 0.55)
         x, y = (i % columns) * panel, (i // columns) * (panel + label)
         sheet.paste(panel_image, (x, y + label))

@@ -11,7 +11,7 @@ import torch
 
 from .attention_map import word_maps
 from .checkpoint import load_tokenizer
-from .decoding import DecodeConfig, generate, generate_from
+from .decoding import DecodeConfig, generate_from
 from .image import load_image, preprocess
 from .model import BlipCaptioner, BlipRetrieval
 
@@ -64,22 +64,34 @@ class OnDevice:
         model = cls.model_class.from_pretrained(folder, dtype=dtype if device.type == "cpu" else None)
         return cls(model, load_tokenizer(folder), device, dtype)
 
-
-class Captioner(OnDevice):
-    model_class = BlipCaptioner
-
     @property
     def image_size(self) -> int:
         return self.model.config.vision.image_size
+
+    def pixels(self, images) -> torch.Tensor:
+        """PIL images or image paths -> (B, 3, size, size) model input on this device, in this dtype."""
+        images = [im if hasattr(im, "mode") else load_image(im) for im in images]
+        return preprocess(images, self.image_size).to(self.device, self.dtype)
+
+
+class Captioner(OnDevice):
+    model_class = BlipCaptioner
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A seeded random stream for sampling on this device (None: torch's global one)."""
         return None if seed is None else torch.Generator(self.device).manual_seed(seed)
 
+    @torch.inference_mode()
+    def encode(self, images) -> torch.Tensor:
+        """(B, N, C) image tokens of PIL images or image paths, what the decoder reads. `caption` and
+        `samples` take them in place of the images, so that several decodings share one encoding."""
+        return self.model.encode_image(self.pixels(images))
+
     def caption(self, images, prompt: str = "", config: DecodeConfig | None = None,
                 generator: torch.Generator | None = None, seed: int | None = None,
                 attention: list | None = None, **options) -> list[str]:
-        """Caption PIL images or image paths (one batch); `options` are DecodeConfig fields.
+        """Caption PIL images or image paths (one batch), or their tokens from `encode`; `options` are
+        DecodeConfig fields.
         The prompt conditions the caption but is not part of the returned text. For sampling,
         pass a seed, or a generator to continue one random stream over several calls.
         attention: when a list is given, it receives per image (words, maps): where the decoder
@@ -87,10 +99,9 @@ class Captioner(OnDevice):
         config = replace(config or DecodeConfig(), **options)
         if generator is None:
             generator = self.generator(seed)
-        images = [im if hasattr(im, "mode") else load_image(im) for im in images]
-        pixels = preprocess(images, self.image_size).to(self.device, self.dtype)
+        tokens = images if torch.is_tensor(images) else self.encode(images)
         maps = [] if attention is not None else None
-        ids = generate(self.model, pixels, self.tokenizer.encode_prompt(prompt), config, generator, maps)
+        ids = generate_from(self.model, tokens, self.tokenizer.encode_prompt(prompt), config, generator, maps)
         if attention is not None:
             grid = self.model.config.vision.grid
             attention.extend(word_maps(self.tokenizer, i, m.cpu(), grid) for i, m in zip(ids, maps, strict=True))
@@ -99,11 +110,10 @@ class Captioner(OnDevice):
     @torch.inference_mode()
     def samples(self, image, n: int, prompt: str = "", config: DecodeConfig | None = None,
                 generator: torch.Generator | None = None) -> list[str]:
-        """n captions of one image (PIL image or path) drawn by `config` (default: nucleus sampling),
-        the image encoded once for all of them."""
-        image = image if hasattr(image, "mode") else load_image(image)
-        pixels = preprocess([image], self.image_size).to(self.device, self.dtype)
-        tokens = self.model.encode_image(pixels).expand(n, -1, -1)  # (n, N, C), a view of one encoding
+        """n captions of one image (PIL image or path, or its (1, N, C) tokens from `encode`) drawn by
+        `config` (default: nucleus sampling), the image encoded once for all of them."""
+        tokens = image if torch.is_tensor(image) else self.encode([image])
+        tokens = tokens.expand(n, -1, -1)  # (n, N, C), a view of one encoding
         config = config or DecodeConfig(sample=True, top_p=0.9, repetition_penalty=1.1)
         ids = generate_from(self.model, tokens, self.tokenizer.encode_prompt(prompt), config, generator)
         return [self.tokenizer.decode(i) for i in ids]
@@ -124,9 +134,7 @@ class Matcher(OnDevice):
     @torch.inference_mode()
     def scores(self, image, texts: list[str]) -> torch.Tensor:
         """(len(texts),) probability that each text describes the image (PIL image or path)."""
-        image = image if hasattr(image, "mode") else load_image(image)
-        size = self.model.config.vision.image_size
-        pixels = preprocess([image], size).to(self.device, self.dtype)
+        pixels = self.pixels([image])
         ids, mask = self.tokenizer.batch(texts, max_length=min(MATCH_TOKENS, self.model.config.text.max_positions))
         ids[:, 0] = self.tokenizer.cls_id  # texts start with [CLS] for matching, as HF's processor writes them
         image_tokens = self.model.visual_encoder(pixels)  # encoded once, read by every text

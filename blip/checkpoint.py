@@ -42,14 +42,20 @@ def save_model(model, folder, tokenizer: Tokenizer | None = None):
         tokenizer.save(folder / TOKENIZER)
 
 
-def architecture(folder) -> str:
-    """Which model the folder holds: config.json's "architecture" (BlipCaptioner, BlipRetrieval)."""
+def _config_json(folder) -> tuple[Path, dict | None, str | None]:
+    """config.json's path, its contents (None when not an object) and the architecture it names."""
     path = _need(Path(folder), CONFIG)
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    found = d.get("architecture") if isinstance(d, dict) else None
+    d = d if isinstance(d, dict) else None
+    return path, d, d.pop("architecture", None) if d is not None else None
+
+
+def architecture(folder) -> str:
+    """Which model the folder holds: config.json's "architecture" (BlipCaptioner, BlipRetrieval)."""
+    path, _, found = _config_json(folder)
     if found not in ARCHITECTURES:
         raise CheckpointError(f"{path}: not one of our checkpoints (convert weights with convert_weights.py)")
     return found
@@ -57,12 +63,7 @@ def architecture(folder) -> str:
 
 def read_config(folder, architecture: str = "BlipCaptioner") -> BlipConfig:
     """The folder's config, which must be of an `architecture` model."""
-    path = _need(Path(folder), CONFIG)
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    found = d.pop("architecture", None) if isinstance(d, dict) else None
+    path, d, found = _config_json(folder)
     if found in ARCHITECTURES and found != architecture:
         raise CheckpointError(f"{path}: holds a {found} model, not the {architecture} this needs")
     if found != architecture:

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # rescale (1/255) and normalise fused into one step, as HF does (its float32 products)
-MEAN_255 = (torch.tensor(CLIP_MEAN) * 255).tolist()
-STD_255 = (torch.tensor(CLIP_STD) * 255).tolist()
+MEAN_255 = (torch.tensor(CLIP_MEAN) * 255).view(3, 1, 1)
+STD_255 = (torch.tensor(CLIP_STD) * 255).view(3, 1, 1)
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16/32-bit single-channel modes
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # what folders are searched for
 
@@ -75,8 +75,7 @@ def eval_transform(im: Image.Image, size: int) -> torch.Tensor:
     # captioning starts a second sooner)
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
-    mean, std = torch.tensor(MEAN_255).view(3, 1, 1), torch.tensor(STD_255).view(3, 1, 1)
-    return (x.float() - mean) / std
+    return (x.float() - MEAN_255) / STD_255
 
 
 def preprocess(images, size: int) -> torch.Tensor:

@@ -73,7 +73,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     params = (weight,) if bias is None else (weight, bias)
     recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     cpu32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if ONEDNN and AVAILABLE and not packed.training and not recording and cpu32:
+    if ONEDNN and not packed.training and not recording and cpu32:
         return torch.ops.mkldnn._linear_pointwise(x, packed.of(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 

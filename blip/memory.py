@@ -38,9 +38,11 @@ def _libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; other C libraries (musl) have no such file
+        libc = ctypes.CDLL("libc.so.6")  # glibc; other C libraries (musl) have no such file
     except OSError:
         return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def keep_freed_memory() -> bool:
@@ -65,7 +67,6 @@ def drop_file_pages(t) -> bool:
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end <= start or not _file_pages(start, end):
         return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise(start, end - start, mmap.MADV_DONTNEED) == 0
 
 
@@ -73,13 +74,14 @@ def _file_pages(start: int, end: int) -> bool:
     """Whether each page from `start` to `end` holds a file's data, unchanged (or was never touched):
     /proc/self/pagemap has a 64-bit entry per page, bit 63 present, 62 swapped, 61 a file's page."""
     page = mmap.PAGESIZE
+    n = (end - start) // page
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek(start // page * 8)
-            raw = bytearray(f.read((end - start) // page * 8))
+            raw = bytearray(f.read(n * 8))
     except OSError:
         return False
-    if len(raw) != (end - start) // page * 8:
+    if len(raw) != n * 8:
         return False
     entries = torch.frombuffer(raw, dtype=torch.int64)
     files = (entries >> 61) & 1 == 1

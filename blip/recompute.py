@@ -58,18 +58,21 @@ def _dropout_p(op, args, kwargs) -> float:
 MIN_PARAMS = 100_000_000  # "elementwise" pays from here: below, the per-op overhead of recomputing shows
 
 
-def default_mode(model: nn.Module, device: torch.device) -> str:
-    """train.py's default: "elementwise" on CPU for models of 100 M parameters or more, where it was
-    measured (benchmarks/bench_train.py, base: 0.4 GB less peak memory, the same step time); "none"
-    for smaller ones (the tiny preset's step takes 22% longer with it, for memory it does not need)
-    and on CUDA (not measured there)."""
+def pick_mode(mode: str, model: nn.Module, device: torch.device) -> str:
+    """`mode` as asked, or for "auto" train.py's default: "elementwise" on CPU for models of 100 M
+    parameters or more, where it was measured (benchmarks/bench_train.py, base: 0.4 GB less peak
+    memory, the same step time); "none" for smaller ones (the tiny preset's step takes 22% longer
+    with it, for memory it does not need) and on CUDA (not measured there)."""
+    if mode != "auto":
+        return mode
     big = sum(p.numel() for p in model.parameters()) >= MIN_PARAMS
     return "elementwise" if device.type == "cpu" and big else "none"
 
 
 def run(block: nn.Module, *inputs, mode: str):
-    """block(*inputs), keeping for backward what `mode` says (the module docstring)."""
-    if mode == "none" or not torch.is_grad_enabled():
+    """block(*inputs), keeping for backward what `mode` says (the module docstring); in eval mode or
+    without gradients, simply block(*inputs)."""
+    if mode == "none" or not block.training or not torch.is_grad_enabled():
         return block(*inputs)
     if mode == "full":
         return checkpoint(block, *inputs, use_reentrant=False)

@@ -216,8 +216,7 @@ class TextTransformer(nn.Module):
             if recording:
                 x = layer(x, mask, is_causal, image_kv, past_kv, weights=cache.weights)
             else:
-                x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv,
-                                  mode=self.recompute if self.training else "none")
+                x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv, mode=self.recompute)
         return x
 
 

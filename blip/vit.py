@@ -96,7 +96,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, N, C)
         x = x + self.pos_embed
         for block in self.blocks:
-            x = recompute.run(block, x, mode=self.recompute if self.training else "none")
+            x = recompute.run(block, x, mode=self.recompute)
         return self.norm(x)
 
 
