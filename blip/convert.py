@@ -77,11 +77,15 @@ HF, ORIGINAL, OURS = 0, 1, 2
 
 @dataclass(frozen=True)
 class Layout:
-    """Every weight name of one model kind: the renaming table, tied pairs, names to skip."""
+    """One model kind: every weight name (the renaming table, tied pairs, names to skip), our model
+    class, HF's class name, and the text model's prefix in HF and original files."""
 
     table: list
     tied: dict
     ignored: list
+    model_class: type
+    hf_class: str
+    text_prefix: str
 
 
 def _as_encoder(name: str | None) -> str | None:
@@ -89,7 +93,7 @@ def _as_encoder(name: str | None) -> str | None:
     return name and name.replace("text_decoder.bert.", "text_encoder.").replace("text_decoder.", "text_encoder.")
 
 
-CAPTIONER = Layout(TABLE, TIED, IGNORED)
+CAPTIONER = Layout(TABLE, TIED, IGNORED, BlipCaptioner, "BlipForConditionalGeneration", T)
 # BlipRetrieval: the ViT, the text encoder (the decoder's rows, renamed; no LM head), ITC/ITM heads;
 # HF BlipForImageTextRetrieval and the original models/blip_retrieval.py name them alike
 RETRIEVAL = Layout(
@@ -103,6 +107,9 @@ RETRIEVAL = Layout(
         r"(vision_proj_m|text_proj_m)\.(weight|bias)",
         r"temp|image_queue|text_queue|idx_queue|ptr_queue",
     ],
+    model_class=BlipRetrieval,
+    hf_class="BlipForImageTextRetrieval",
+    text_prefix="text_encoder.",
 )
 
 
@@ -111,12 +118,7 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(rx)
 
 
-# our model class name -> (its layout, HF's class name, the text prefix of HF and original files)
-KINDS = {
-    "BlipCaptioner": (CAPTIONER, "BlipForConditionalGeneration", T),
-    "BlipRetrieval": (RETRIEVAL, "BlipForImageTextRetrieval", "text_encoder."),
-}
-MODEL_CLASSES = {"BlipCaptioner": BlipCaptioner, "BlipRetrieval": BlipRetrieval}
+KINDS = {"BlipCaptioner": CAPTIONER, "BlipRetrieval": RETRIEVAL}  # our model class name -> its layout
 
 
 def rename(state: dict, src: int, dst: int, source: str, layout: Layout = CAPTIONER) -> dict:
@@ -143,7 +145,7 @@ def rename(state: dict, src: int, dst: int, source: str, layout: Layout = CAPTIO
     return out
 
 
-def check_tied(state: dict, source: str, tied: dict = TIED):
+def check_tied(state: dict, source: str, tied: dict):
     for key, twin in tied.items():
         if key in state and twin in state and not torch.equal(state[key], state[twin]):
             raise CheckpointError(f"{source}: {key} differs from {twin}, but BLIP ties them")
@@ -204,7 +206,7 @@ def config_from_hf(d: dict, source: str) -> BlipConfig:
         ln_eps=t["layer_norm_eps"], encoder_width=vision.width,  # HF sets it from the vision width too
         pad_token_id=t["pad_token_id"], bos_token_id=t["bos_token_id"], sep_token_id=t["sep_token_id"],
     )
-    return BlipConfig(vision=vision, text=text, embed_dim=d.get("image_text_hidden_size", 256))
+    return BlipConfig(vision=vision, text=text, embed_dim=d.get("image_text_hidden_size", BlipConfig.embed_dim))
 
 
 def _square(size, source: str) -> int:
@@ -218,7 +220,7 @@ def _square(size, source: str) -> int:
 def config_to_hf(config: BlipConfig, kind: str = "BlipCaptioner") -> dict:
     v, t = config.vision, config.text
     return {
-        "architectures": [KINDS[kind][1]], "model_type": "blip", "tie_word_embeddings": True,
+        "architectures": [KINDS[kind].hf_class], "model_type": "blip", "tie_word_embeddings": True,
         "image_text_hidden_size": config.embed_dim,
         "vision_config": {
             "model_type": "blip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
@@ -237,7 +239,7 @@ def config_to_hf(config: BlipConfig, kind: str = "BlipCaptioner") -> dict:
 
 def config_from_original(state: dict, source: str, kind: str = "BlipCaptioner") -> BlipConfig:
     """Original .pth files hold no config: read sizes off the tensors (heads: width / 64)."""
-    text_prefix = KINDS[kind][2]
+    text_prefix = KINDS[kind].text_prefix
     def need(key):
         if key not in state:
             raise CheckpointError(f"{source}: missing weight {key}")
@@ -261,7 +263,7 @@ def config_from_original(state: dict, source: str, kind: str = "BlipCaptioner") 
         heads=word.shape[1] // 64, mlp_dim=need(text_prefix + "encoder.layer.0.intermediate.dense.weight").shape[0],
         max_positions=need(text_prefix + "embeddings.position_embeddings.weight").shape[0], encoder_width=width,
     )
-    embed_dim = need("vision_proj.weight").shape[0] if kind == "BlipRetrieval" else 256  # ITC width
+    embed_dim = need("vision_proj.weight").shape[0] if kind == "BlipRetrieval" else BlipConfig.embed_dim  # ITC width
     return BlipConfig(vision=vision, text=text, embed_dim=embed_dim)
 
 
@@ -288,7 +290,7 @@ def load_source(src: Path, tokenizer_path=None):
         retrieval = "BlipForImageTextRetrieval" in named or (not named and by_weights)
         kind = "BlipRetrieval" if retrieval else "BlipCaptioner"
         _need_text(raw, weights, kind)
-        state = rename(raw, HF, OURS, str(weights), KINDS[kind][0])
+        state = rename(raw, HF, OURS, str(weights), KINDS[kind])
         tokenizer = _tokenizer(tokenizer_path or src)
     elif src.is_file():
         if tokenizer_path is None:
@@ -296,7 +298,7 @@ def load_source(src: Path, tokenizer_path=None):
         raw = read_tensors(src)
         kind = "BlipCaptioner" if any(k.startswith("text_decoder.") for k in raw) else "BlipRetrieval"
         _need_text(raw, src, kind)
-        state = rename(raw, ORIGINAL, OURS, str(src), KINDS[kind][0])
+        state = rename(raw, ORIGINAL, OURS, str(src), KINDS[kind])
         tokenizer = _tokenizer(tokenizer_path)
         # no config in the file: sizes come from the tensors, special ids from the tokenizer
         config = config_from_original(raw, str(src), kind)
@@ -346,7 +348,7 @@ def convert(src, out, tokenizer_path=None, image_size=None):
     kind, config, state, tokenizer = load_source(src, tokenizer_path)
     if image_size and image_size != config.vision.image_size:
         config = resize_positions(config, state, image_size)
-    model = MODEL_CLASSES[kind](config)
+    model = KINDS[kind].model_class(config)
     check_state_dict(state, model.state_dict(), str(src))
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out, tokenizer)
@@ -357,10 +359,10 @@ def export_hf(ours, out):
     """Write our checkpoint folder as an HF snapshot that BlipForConditionalGeneration (or, for a
     BlipRetrieval folder, BlipForImageTextRetrieval) loads."""
     kind = architecture(ours)
-    model, tokenizer = MODEL_CLASSES[kind].from_pretrained(ours), load_tokenizer(ours)
+    model, tokenizer = KINDS[kind].model_class.from_pretrained(ours), load_tokenizer(ours)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = rename(model.state_dict(), OURS, HF, str(ours), KINDS[kind][0])  # tied LM-head weights left out, as HF
+    state = rename(model.state_dict(), OURS, HF, str(ours), KINDS[kind])  # tied LM-head weights left out, as HF
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(model.config, kind), indent=2) + "\n")
     write_hf_files(tokenizer, out)

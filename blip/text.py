@@ -213,10 +213,8 @@ class TextTransformer(nn.Module):
                 reads_image = layer.cross_attn is not None and image_embeds is not None
                 image_kv = layer.cross_attn.keys_values(image_embeds) if reads_image else None
                 past_kv = None
-            if recording:
-                x = layer(x, mask, is_causal, image_kv, past_kv, weights=cache.weights)
-            else:
-                x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv, mode=self.recompute)
+            weights = cache.weights if recording else None
+            x = recompute.run(layer, x, mask, is_causal, image_kv, past_kv, weights, mode=self.recompute)
         return x
 
 
@@ -242,8 +240,7 @@ class TextEncoder(TextTransformer):
 
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg, causal=False, cross=True)
-        if not self.embeddings.word.weight.is_meta:  # on the meta device there is nothing to draw
-            self.apply(_init_weights)
+        self.apply(_init_weights)
 
 
 class TextDecoder(TextTransformer):
@@ -252,8 +249,7 @@ class TextDecoder(TextTransformer):
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg, causal=True, cross=True)
         self.head = LMHead(cfg)
-        if not self.head.bias.is_meta:  # on the meta device there is nothing to draw (Embedding above)
-            self.apply(_init_weights)
+        self.apply(_init_weights)
 
     def forward(self, input_ids, attention_mask=None, image_embeds=None, cache=None) -> torch.Tensor:
         """-> next-token logits (B, T, vocab): position t predicts token t + 1."""
@@ -264,7 +260,10 @@ class TextDecoder(TextTransformer):
 
 
 def _init_weights(module: nn.Module):
-    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms. Nothing on the
+    meta device (a model built there to load a checkpoint into: nothing to draw; see Embedding)."""
+    if any(p.is_meta for p in module.parameters(recurse=False)):
+        return
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
