@@ -20,6 +20,7 @@ class Trace:
     def __init__(self, model, tokenizer: Tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.lines, self.hooks, self.step = [], [], 0
+        self.current = None  # the decoder step being traced: its line so far
 
     def say(self, stage: str, what: str):
         self.lines.append(f"{stage:<24s} {what}")
@@ -75,11 +76,11 @@ class Trace:
         self.current = f"{shape(tokens):<8s} {words:<34s} cache {cached:>2d} -> {cached + tokens.shape[1]:<3d}"
 
     def cross_attention(self, module, args, out):
-        if hasattr(self, "current"):
+        if self.current is not None:
             self.current += f" q {shape(args[0])}"
 
     def logits(self, module, args, out):
-        if hasattr(self, "current"):
+        if self.current is not None:
             self.say(f"  step {self.step}", f"{self.current} logits {shape(out)}")
             self.step += 1
-            del self.current
+            self.current = None
