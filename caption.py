@@ -3,6 +3,10 @@
     python caption.py photo.jpg
     python caption.py holiday/ "scans/*.png" --format jsonl --output captions.jsonl
     python caption.py photo.jpg --sample --top-p 0.9 --seed 0 --prompt "a picture of"
+
+Beams, caption lengths and the prompt default to the checkpoint's own (config.json: "prompt" and
+"generation"; BLIP's beam 3, 5 to 20 new tokens, "a picture of " for converted weights; train.py sets
+the lengths from the captions it trained on).
 """
 
 import argparse
@@ -19,7 +23,8 @@ from tqdm import tqdm
 
 from blip.attention_map import draw
 from blip.captioner import Captioner, Matcher
-from blip.checkpoint import CheckpointError
+from blip.checkpoint import CheckpointError, read_config
+from blip.config import BlipConfig
 from blip.decoding import DecodeConfig
 from blip.image import IMAGE_SUFFIXES, ImageError, load_image
 from blip.trace import Trace
@@ -35,14 +40,17 @@ def parse_args(argv=None):
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="DIR",
                    help=f"checkpoint folder written by convert_weights.py or train.py (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--beams", type=int, default=3, metavar="N", help="beam search width; 1 is greedy (default: 3)")
-    p.add_argument("--max-length", type=int, default=20, metavar="N",
-                   help="most new tokens per caption, the end token counting (HF's max_new_tokens; default: 20)")
-    p.add_argument("--min-length", type=int, default=5, metavar="N",
-                   help="fewest new tokens before the caption may end (HF's min_new_tokens; default: 5)")
-    p.add_argument("--prompt", default="a picture of ", metavar="TEXT",
-                   help="text the caption continues; left out of the output (default: 'a picture of ', "
-                   "as BLIP was trained; '' for none)")
+    p.add_argument("--beams", type=int, metavar="N",
+                   help="beam search width; 1 is greedy (default: the checkpoint's, BLIP's 3)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="most new tokens per caption, the end token counting (HF's max_new_tokens; default: the "
+                   "checkpoint's, BLIP's 20, or what train.py found its captions need)")
+    p.add_argument("--min-length", type=int, metavar="N",
+                   help="fewest new tokens before the caption may end (HF's min_new_tokens; default: the "
+                   "checkpoint's, BLIP's 5)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="text the caption continues; left out of the output (default: the checkpoint's, "
+                   "'a picture of ' as BLIP was trained; '' for none)")
     p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
     p.add_argument("--top-p", type=float, default=0.9, help="sampling: keep the fewest tokens whose probability "
                    "adds up to P (default: 0.9)")
@@ -82,9 +90,14 @@ def parse_args(argv=None):
         p.error("--attention-map draws the beam caption's maps; it cannot follow a --rerank choice")
     if args.repetition_penalty is None:
         args.repetition_penalty = 1.1 if args.sample else 1.0
-    beams = 1 if args.sample else args.beams
+    config = checkpoint_config(args.checkpoint)  # unset flags take the checkpoint's values
+    generation = config.generation
+    args.prompt = config.prompt if args.prompt is None else args.prompt
+    beams = args.beams if args.beams is not None else 1 if args.sample else generation.num_beams
     args.decode = DecodeConfig(
-        max_new_tokens=args.max_length, min_new_tokens=args.min_length, num_beams=beams, sample=args.sample,
+        max_new_tokens=generation.max_new_tokens if args.max_length is None else args.max_length,
+        min_new_tokens=generation.min_new_tokens if args.min_length is None else args.min_length,
+        num_beams=beams, sample=args.sample,
         top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
         repetition_penalty=args.repetition_penalty,
     )
@@ -94,6 +107,15 @@ def parse_args(argv=None):
         p.error(str(e))
     args.sampling = replace(args.decode, sample=True, num_beams=1, repetition_penalty=1.1)  # --rerank's candidates
     return args
+
+
+def checkpoint_config(folder) -> BlipConfig:
+    """The checkpoint's config, for its prompt and decoding defaults; BLIP's when the folder cannot be
+    read (main() then says why, in one line)."""
+    try:
+        return read_config(folder)
+    except CheckpointError:
+        return BlipConfig()
 
 
 def expand(paths: list[str]) -> tuple[list[Path], list[str]]:

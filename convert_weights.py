@@ -4,6 +4,7 @@
     python convert_weights.py model_base_caption_capfilt_large.pth checkpoints/blip-base --tokenizer vocab.txt
     python convert_weights.py Salesforce/blip-image-captioning-base checkpoints/blip-base   # needs huggingface_hub
     python convert_weights.py --to-hf checkpoints/my-finetune hf/my-finetune
+    python convert_weights.py --merge-lora runs/mine/best checkpoints/mine   # train.py --lora's adapters + base
 """
 
 import argparse
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from blip.checkpoint import CheckpointError
-from blip.convert import convert, download, export_hf
+from blip.convert import convert, download, export_hf, merge_adapters
 
 
 def main(argv=None) -> int:
@@ -31,12 +32,21 @@ def main(argv=None) -> int:
                    "input images (bicubic; N a multiple of the patch size)")
     p.add_argument("--to-hf", nargs=2, metavar=("OURS", "OUT_HF"), help="export our checkpoint folder OURS to "
                    "an HF snapshot folder OUT_HF")
+    p.add_argument("--merge-lora", nargs=2, metavar=("LORA_DIR", "OUT"), help="fold the adapters of a train.py --lora "
+                   "folder into the checkpoint they belong to, and write the whole model to OUT (a checkpoint "
+                   "folder caption.py, train.py and --to-hf take)")
     args = p.parse_args(argv)
-    if args.to_hf and (args.src or args.out):
-        p.error("--to-hf takes its own two folders; give no SRC/OUT with it")
-    if not args.to_hf and not (args.src and args.out):
-        p.error("give SRC and OUT (or --to-hf OURS OUT_HF)")
+    if (args.to_hf or args.merge_lora) and (args.src or args.out):
+        p.error("--to-hf and --merge-lora take their own two folders; give no SRC/OUT with them")
+    if args.to_hf and args.merge_lora:
+        p.error("give --to-hf or --merge-lora, not both (--to-hf takes a LoRA folder as it is)")
+    if not (args.to_hf or args.merge_lora) and not (args.src and args.out):
+        p.error("give SRC and OUT (or --to-hf OURS OUT_HF, or --merge-lora LORA_DIR OUT)")
     try:
+        if args.merge_lora:
+            merge_adapters(*args.merge_lora)
+            print(f"wrote {args.merge_lora[1]}: {args.merge_lora[0]}'s adapters merged into their base checkpoint")
+            return 0
         if args.to_hf:
             export_hf(*args.to_hf)
             print(f"wrote HF snapshot {args.to_hf[1]}")

@@ -3,13 +3,20 @@
     python train.py --data ./football                                # from checkpoints/blip-base
     python train.py --data data/shapes --init scratch --preset tiny --epochs 40
     python train.py --data ./football --out runs/football --resume   # after a crash or a kill
+    python train.py --data ./mine --lora 16                          # adapters only: small checkpoints, less memory
+    python train.py --data ./mine --freeze-vision --cache-image-tokens --augment flip   # the ViT run once per picture
     torchrun --nproc_per_node 4 train.py --data ./coco               # several GPUs (or CPU processes)
 
 One flat script, top to bottom: arguments, processes, data (checked whole before anything is
 written), model and tokenizer, optimizer and schedule, resume, evaluation, the loop. OUT/last/ and
 OUT/best/ are checkpoint folders that caption.py --checkpoint takes as they are; OUT/last/ also
 holds the loop state that --resume continues from. OUT/metrics.jsonl has a line per log and per
-evaluation, OUT/report.html shows them.
+evaluation, OUT/report.html shows them. With --lora, last/ and best/ hold the adapters alone and name
+the checkpoint they belong to (blip/lora.py); `convert_weights.py --merge-lora` makes a full folder of them.
+
+Checkpoints carry their decoding defaults (config.json "generation"): the evaluation's beams, and caption
+lengths that fit the training captions (the longest plus a quarter, at least BLIP's 20 new tokens), which
+caption.py and Captioner then use.
 
 --batch-size is the number of (image, caption) pairs of one optimizer step, however many processes
 (torchrun) and micro-batches (--grad-accum) it is split into: the loss is the mean over the caption
@@ -25,7 +32,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -40,19 +47,37 @@ from blip.checkpoint import (
     load_tokenizer,
     load_training_state,
     optimizer_tensors,
+    read_adapter,
     read_config,
     recover_folder,
     replace_folder,
     restore_optimizer,
+    save_adapters,
     save_model,
     save_training_state,
+    weights_sha256,
 )
-from blip.data import Collate, DataError, EvalSet, TrainSet, check_images, clean_caption, epoch_order, read_splits
+from blip.config import GenerationConfig
+from blip.data import (
+    MAX_WORDS,
+    Collate,
+    DataError,
+    EvalSet,
+    TrainSet,
+    check_images,
+    clean_caption,
+    epoch_order,
+    read_eval_set,
+    read_splits,
+)
 from blip.decoding import DecodeConfig, generate_from
+from blip.lora import TARGETS as LORA_TARGETS
+from blip.lora import LoraConfig, adapters, add_lora, merge_lora, parse_targets
 from blip.memory import keep_freed_memory
 from blip.metrics import caption_scores
 from blip.model import BlipCaptioner, caption_labels, caption_loss
 from blip.report import thumbnail, write_report
+from blip.token_cache import ImageTokens
 from blip.tokenizer import Tokenizer
 
 DEFAULT_INIT = "checkpoints/blip-base"
@@ -63,7 +88,6 @@ RECIPE = {
     "pretrained": {"lr": 1e-5, "vision_lr_scale": 1.0, "augment": "blip"},
     "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip"},
 }
-MAX_TOKENS = 40  # caption tokens kept in training ([DEC] + prompt + 30 words, as word pieces)
 GALLERY = 8  # validation images shown per evaluation in report.html
 CPU_BF16_MIN_PARAMS = 100_000_000  # --amp auto on CPU: bf16 pays once matrix products dominate (README)
 
@@ -103,6 +127,15 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="blip: random resized crop, flip, RandAugment (default fine-tuning); flip: flips only\n"
       "(default from scratch); none")
     a("--freeze-vision", action="store_true", help="train the text decoder only; the ViT stays as loaded")
+    a("--cache-image-tokens", action="store_true",
+      help="with --freeze-vision: compute each picture's image tokens once per view (as it is, and\n"
+      "mirrored with --augment flip) into OUT/image_tokens/, and train the decoder on them\n"
+      "(needs --augment flip or none: random crops cannot be computed ahead)")
+    a("--lora", type=int, metavar="RANK", help="train low-rank adapters of this rank instead of the weights\n"
+      "(blip/lora.py); OUT/last/ and OUT/best/ then hold the adapters alone")
+    a("--lora-alpha", type=float, help="adapter scale alpha / rank (default: alpha = 2 x rank)")
+    a("--lora-targets", metavar="NAMES", help=f"comma-separated layer names to adapt; 'text.' or 'vision.' "
+      f"before a name\nlimits it to one tower (default: {','.join(LORA_TARGETS)})")
     a("--grad-checkpointing", nargs="?", const="full", default="auto", choices=["auto", *recompute.MODES],
       help="what backward recomputes instead of keeping (blip/recompute.py). full (the flag alone):\n"
       "whole blocks, the least memory, ~1/3 more compute; elementwise: norms, GELU and adds, the\n"
@@ -121,7 +154,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval-every", type=int, default=0, help="evaluate every N steps (default: 0, at the end of every epoch)")
     a("--save-every", type=int, default=0, help="write OUT/last/ every N steps (default: 0, with every evaluation)")
     a("--log-every", type=int, default=10, help="write a metrics line every N steps (default: 10)")
-    a("--num-beams", type=int, default=3, help="beam width of the evaluation captions (default: 3)")
+    a("--num-beams", type=int, default=3, help="beam width of the evaluation captions, saved as the checkpoint's\n"
+      "default (default: 3)")
+    a("--max-new-tokens", type=int, metavar="N", help="longest evaluation caption in tokens, saved as the\n"
+      "checkpoint's default (default: the longest training caption plus a quarter, at least 20)")
+    a("--min-new-tokens", type=int, metavar="N", help="shortest evaluation caption in tokens, saved likewise\n"
+      "(default: 5, or the shortest training caption's length when shorter)")
+    a("--eval-data", action="append", metavar="DIR", default=[],
+      help="another validation set (its val/ split, or the whole folder), evaluated with\n"
+      "the first; its metrics go into metrics.jsonl and report.html (repeatable: forgetting shows)")
+    a("--patience", type=int, default=0, metavar="N", help="stop after N evaluations without a better CIDEr-D\n"
+      "(best/ keeps the best; default: 0, never)")
     a("--resume", action="store_true", help="continue the run in --out from OUT/last/ with its saved settings;\n"
       "flags given now override them")
     a("--skip-bad", action="store_true", help="train on the good rows when some are bad, instead of stopping")
@@ -148,6 +191,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "grad_accum", "num_beams", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_new_tokens", "lora"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.min_new_tokens is not None and args.min_new_tokens < 0 or args.patience < 0:
+        p.error("--min-new-tokens and --patience must not be negative")
+    if args.cache_image_tokens and not args.freeze_vision:
+        p.error("--cache-image-tokens needs --freeze-vision: tokens of a ViT that learns change every step")
+    if args.cache_image_tokens and args.augment == "blip":
+        p.error("--cache-image-tokens cannot cache random crops (--augment blip): add --augment flip or none")
+    if (args.lora_alpha is not None or args.lora_targets) and not args.lora:
+        p.error("--lora-alpha and --lora-targets need --lora RANK")
+    if args.lora:
+        args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora
+        try:
+            targets = parse_targets(args.lora_targets or ",".join(LORA_TARGETS))
+        except ValueError as e:
+            p.error(f"--lora-targets: {e}")
+        if args.freeze_vision:  # the ViT stays as loaded: adapters on the text decoder only
+            targets = tuple(dict.fromkeys(t if t.startswith("text.") else f"text.{t.split('.')[-1]}" for t in targets))
+        args.lora_targets = ",".join(targets)
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
     if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.dropout < 1:
@@ -189,6 +252,33 @@ def split_batch(items: list, parts: int) -> list[list]:
     size, extra = divmod(len(items), parts)
     bounds = [i * size + min(i, extra) for i in range(parts + 1)]
     return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def caption_lengths(rows, tokenizer) -> tuple[int, int]:
+    """(shortest, longest) caption of `rows` in new tokens: its word pieces as training cleans it, plus [SEP]."""
+    lengths = [len(tokenizer.tokens(clean_caption(c, MAX_WORDS))) + 1 for row in rows for c in row.captions]
+    return min(lengths), max(lengths)
+
+
+def fit_generation(shortest: int, longest: int, room: int, args) -> GenerationConfig:
+    """Decoding defaults for captions like the training ones, unless flags say otherwise: up to the
+    longest plus a quarter, never fewer than BLIP's 20 new tokens (nor more than the positions left:
+    `room`); at least BLIP's 5, unless a training caption is shorter (a floor above it would make
+    captions longer than any the model was taught)."""
+    most = args.max_new_tokens or min(room, max(20, longest + longest // 4 + 1))
+    least = args.min_new_tokens if args.min_new_tokens is not None else min(5, shortest)
+    return GenerationConfig(num_beams=args.num_beams, max_new_tokens=min(most, room), min_new_tokens=min(least, most))
+
+
+def eval_set_names(folders: list[str]) -> dict[str, str]:
+    """--eval-data folders by the name their metrics take: the folder's name (its parent's, for a
+    val/ folder), numbered when two are the same."""
+    names = {}
+    for folder in folders:
+        path = Path(folder).resolve()
+        name = path.parent.name if path.name in ("val", "validation", "valid") else path.name
+        names[name if name not in names else f"{name}-{len(names) + 1}"] = folder
+    return names
 
 
 def say(message: str):
@@ -236,13 +326,15 @@ def main(argv=None) -> int:
         return fail(f"{out} already holds a run: add --resume to continue it, or choose another --out")
     try:
         train_split, val_split = read_splits(args.data, args.val_fraction, args.seed)
+        extra = {name: read_eval_set(d) for name, d in eval_set_names(args.eval_data).items()}  # --eval-data
     except DataError as e:
         return fail(str(e))
-    n_images = len(train_split.rows) + len(val_split.rows)
+    n_images = len(train_split.rows) + len(val_split.rows) + sum(len(s.rows) for s in extra.values())
     with tqdm(total=n_images, desc="checking images", unit="image", disable=not master or n_images < 100,
               file=sys.stderr) as bar:
         train_split, val_split = check_images(train_split, bar), check_images(val_split, bar)
-    problems = train_split.problems + val_split.problems
+        extra = {name: check_images(split, bar) for name, split in extra.items()}
+    problems = train_split.problems + val_split.problems + [p for s in extra.values() for p in s.problems]
     if problems:
         for problem in problems:
             log(f"bad row: {problem}")
@@ -253,6 +345,9 @@ def main(argv=None) -> int:
     if not train_split.rows or not val_split.rows:
         return fail(f"{args.data}: need at least one training and one validation image, "
                     f"have {len(train_split.rows)} and {len(val_split.rows)}")
+    empty = [name for name, split in extra.items() if not split.rows]
+    if empty:
+        return fail(f"--eval-data {empty[0]}: no images to evaluate on")
 
     # --- tokenizer and model -----------------------------------------------------------------------
     last = out / "last"
@@ -282,27 +377,53 @@ def main(argv=None) -> int:
             init = Path(args.init)
     except (CheckpointError, ValueError, OSError) as e:
         return fail(str(e))
-    config = replace(config, text=replace(config.text, dropout=args.dropout),
+    # caption lengths from the data: training keeps whole captions, evaluation and the checkpoint's
+    # decoding defaults leave room for the longest (README: caption lengths)
+    prompt_length = len(tokenizer.tokens(args.prompt))
+    room = config.text.max_positions - 1 - prompt_length  # new tokens that fit after [DEC] and the prompt
+    if room < 2:
+        return fail(f"the prompt {args.prompt!r} leaves no room in the model's {config.text.max_positions} positions")
+    shortest, longest = caption_lengths(train_split.rows, tokenizer)
+    everything = [train_split, val_split, *extra.values()]
+    max_tokens = 1 + prompt_length + min(room, max(caption_lengths(s.rows, tokenizer)[1] for s in everything))
+    generation = fit_generation(shortest, longest, room, args)
+    config = replace(config, text=replace(config.text, dropout=args.dropout), generation=generation,
                      label_smoothing=args.label_smoothing, prompt=args.prompt)
     torch.manual_seed(args.seed)
-    model = BlipCaptioner(config) if init is None else BlipCaptioner.from_pretrained(init, config=config)
+    try:
+        model = BlipCaptioner(config) if init is None else BlipCaptioner.from_pretrained(init, config=config)
+    except (CheckpointError, ValueError) as e:
+        return fail(str(e))
+    adapter = None  # with --lora: adapter.json of the run's folders (blip/checkpoint.py)
+    if args.lora:
+        if args.resume:  # last/ holds the adapters, loaded onto their base
+            adapter = read_adapter(last)
+        elif init is None:
+            return fail("--lora adapts a trained checkpoint: give one with --init, not scratch")
+        elif adapters(model):
+            return fail(f"{init} holds LoRA adapters: make a full checkpoint of it first with "
+                        f"`python convert_weights.py --merge-lora {init} MERGED`, and train from MERGED")
+        else:
+            lora = LoraConfig(args.lora, args.lora_alpha, tuple(args.lora_targets.split(",")))
+            add_lora(model, lora)
+            adapter = {"base": str(init.resolve()), "base_sha256": weights_sha256(init), "lora": lora.to_dict()}
+    elif adapters(model):  # a LoRA run's folder as --init: its adapters become weights, then all of them train
+        merge_lora(model)
     model.to(device).train()
     if args.freeze_vision:
         model.visual_encoder.requires_grad_(False)
     model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, device))
-    prompt_length = len(tokenizer.tokens(args.prompt))
     size = config.vision.image_size
 
     # --- batches: the epoch order and every augmentation are fixed by the seed ----------------------
-    train_set = TrainSet(train_split.rows, size, args.prompt, args.augment)
-    val_set = EvalSet(val_split.rows, size, args.prompt)
+    train_set = TrainSet(train_split.rows, size, args.prompt, args.augment, cached=args.cache_image_tokens)
     batch = min(args.batch_size, len(train_set))
     if batch < args.grad_accum * world:
         return fail(f"a batch of {batch} pairs cannot be split into {args.grad_accum} micro-batches on {world} "
                     "process(es)")
     steps_per_epoch = len(train_set) // batch
     total = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
-    collate = Collate(tokenizer, MAX_TOKENS)
+    collate = Collate(tokenizer, max_tokens)
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
 
     def batches_from(step: int):
@@ -330,8 +451,23 @@ def main(argv=None) -> int:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
+    # --- cached image tokens: the frozen ViT run once per picture and view ------------------------------
+    image_tokens = None
+    if args.cache_image_tokens:
+        n_views = len(train_split.rows) * train_set.transform.views
+        with tqdm(total=n_views, desc="image tokens", unit="view", disable=not master, file=sys.stderr) as bar:
+            # rank 0 writes the file, the others wait for it and read it
+            if master:
+                image_tokens = ImageTokens.open_or_build(out / "image_tokens", model.visual_encoder, train_split.rows,
+                                                         train_set.transform, batch, autocast, bar)
+            if distributed:
+                dist.barrier()
+            if not master:
+                image_tokens = ImageTokens.open_or_build(out / "image_tokens", model.visual_encoder, train_split.rows,
+                                                         train_set.transform, batch, autocast)
+
     # --- resume -------------------------------------------------------------------------------------
-    step, best = 0, None
+    step, best, stale = 0, None, 0  # stale: evaluations since the best one (--patience)
     if args.resume:
         state, tensors = load_training_state(last)
         restore_optimizer(optimizer, state["optimizer"], tensors)
@@ -342,7 +478,7 @@ def main(argv=None) -> int:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         if rank:  # dropout streams differ between processes
             torch.manual_seed(args.seed * 1000 + rank + state["step"])
-        step, best = state["step"], state["best_cider"]
+        step, best, stale = state["step"], state["best_cider"], state.get("stale", 0)
         log(f"resuming {out} at step {step} of {total}")
     elif rank:
         torch.manual_seed(args.seed * 1000 + rank)
@@ -374,26 +510,29 @@ def main(argv=None) -> int:
         tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_model(model, tmp, tokenizer)
+        if adapter is not None:  # the adapters, and the checkpoint they belong to
+            save_adapters(model, tmp, tokenizer, adapter)
+        else:
+            save_model(model, tmp, tokenizer)
         if with_state:
             groups, tensors = optimizer_tensors(optimizer)
             tensors["rng.cpu"] = torch.get_rng_state()
             if device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-            state = {"step": step, "best_cider": best, "optimizer": groups, "scaler": scaler.state_dict(),
+            state = {"step": step, "best_cider": best, "stale": stale, "optimizer": groups,
+                     "scaler": scaler.state_dict(),
                      "args": {k: v for k, v in vars(args).items() if k != "resume"}}
             save_training_state(tmp, state, tensors)
         replace_folder(tmp, folder)
 
     # --- evaluation (rank 0) --------------------------------------------------------------------------
-    eval_decode = DecodeConfig(num_beams=args.num_beams, max_new_tokens=max(1, 20 - 1 - prompt_length),
-                               min_new_tokens=max(0, 5 - 1 - prompt_length))  # BLIP's 20 / 5, [DEC] and prompt counted
+    eval_decode = DecodeConfig(**asdict(config.generation))  # what the checkpoint will say to caption.py
 
     @torch.no_grad()
-    def evaluate() -> dict:
+    def evaluate(rows) -> dict:
         model.eval()
-        loader = torch.utils.data.DataLoader(val_set, batch_size=batch, collate_fn=collate, num_workers=workers,
-                                             generator=torch.Generator())  # leaves the global stream alone
+        loader = torch.utils.data.DataLoader(EvalSet(rows, size, args.prompt), batch_size=batch, collate_fn=collate,
+                                             num_workers=workers, generator=torch.Generator())  # global stream kept
         loss_sum, n_tokens, predictions = 0.0, 0, []
         prompt_ids = tokenizer.encode_prompt(args.prompt)
         for pixels, ids, mask in loader:
@@ -406,29 +545,37 @@ def main(argv=None) -> int:
                 new = generate_from(model, image, prompt_ids, eval_decode)
             predictions += [tokenizer.decode(i) for i in new]
         model.train()
-        references = [row.captions for row in val_split.rows]
+        references = [row.captions for row in rows]
         scores = caption_scores(predictions, references)
         shown = [{"prediction": p, "references": r} for p, r in zip(predictions[:GALLERY], references, strict=False)]
         return {"val_loss": loss_sum / max(1, n_tokens), **scores, "gallery": shown}
 
     # --- the loop --------------------------------------------------------------------------------------
-    log(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {device} ({amp}), "
-        f"{len(train_set)} pairs from {len(train_split.rows)} images, {len(val_split.rows)} held out; "
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"training {trainable / 1e6:.2f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+        f"{f' (LoRA rank {args.lora})' if args.lora else ''} on {device} ({amp}), {len(train_set)} pairs from "
+        f"{len(train_split.rows)} images, {len(val_split.rows)} held out; "
         f"{total} steps of {batch} pairs, lr {peak_lr:g} (ViT x{args.vision_lr_scale:g}), augment {args.augment}; "
-        f"writing to {out}")
+        f"captions of {shortest}-{longest} tokens (evaluated with beam {generation.num_beams}, "
+        f"{generation.min_new_tokens}-{generation.max_new_tokens} new tokens); writing to {out}")
     eval_every = args.eval_every or steps_per_epoch
     save_every = args.save_every or eval_every
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches_from(step), collate_fn=collate,
                                               num_workers=workers, pin_memory=device.type == "cuda",
                                               generator=torch.Generator()))  # the global stream is dropout's
     def evaluation():
-        """Evaluate at `step`, record it, keep `best/`, redraw the report."""
-        nonlocal best
-        result = evaluate()
+        """Evaluate at `step` (and every --eval-data set), record it, keep `best/`, redraw the report."""
+        nonlocal best, stale
+        result = evaluate(val_split.rows)
+        others = {name: evaluate(split.rows) for name, split in extra.items()}
         improved = best is None or result["cider"] > best
-        best = result["cider"] if improved else best
-        record({"type": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3), **result})
-        say(f"{f'step {step}' if step else 'before training'}: {scores_line(result)}" + (" (best)" if improved else ""))
+        best, stale = (result["cider"], 0) if improved else (best, stale + 1)
+        entry = {"type": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3), **result}
+        if others:
+            entry["eval_sets"] = {name: {k: v for k, v in r.items() if k != "gallery"} for name, r in others.items()}
+        record(entry)
+        say(f"{f'step {step}' if step else 'before training'}: {scores_line(result)}" + (" (best)" if improved else "")
+            + "".join(f"; {name}: {scores_line(r)}" for name, r in others.items()))
         if improved:
             save(out / "best", with_state=False)
         write_report(out, records, gallery)
@@ -451,15 +598,24 @@ def main(argv=None) -> int:
             n_tokens = torch.tensor(float(sum(int((lab[:, 1:] != -100).sum()) for lab in labels)), device=device)
             if distributed:
                 dist.all_reduce(n_tokens)
-            loss_sum = 0.0
-            for i, ((pixels, ids, mask), lab) in enumerate(zip(micro, labels, strict=True)):
-                pixels, ids, mask, lab = (t.to(device, non_blocking=True) for t in (pixels, ids, mask, lab))
+            loss_sum = nll_sum = 0.0
+            for i, ((images, ids, mask), lab) in enumerate(zip(micro, labels, strict=True)):
+                if image_tokens is not None:  # the batch names views of the cache: their tokens, not pixels
+                    images = image_tokens[images]
+                images, ids, mask, lab = (t.to(device, non_blocking=True) for t in (images, ids, mask, lab))
                 sync = ddp.no_sync() if distributed and i < len(micro) - 1 else nullcontext()
                 with sync, autocast():
-                    loss = caption_loss(ddp(pixels, ids, mask), lab, args.label_smoothing, "sum")
+                    if image_tokens is not None:
+                        logits = ddp(None, ids, mask, image_embeds=images)
+                    else:
+                        logits = ddp(images, ids, mask)
+                    loss = caption_loss(logits, lab, args.label_smoothing, "sum")
                 scaler.scale(loss * world / n_tokens).backward()
                 loss_sum += loss.item()
-                images_seen += len(pixels) * world
+                # the same loss without label smoothing: what validation reports, so the curves compare
+                nll = caption_loss(logits.detach(), lab, 0.0, "sum") if args.label_smoothing else loss
+                nll_sum += nll.item()
+                images_seen += len(images) * world
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -467,17 +623,18 @@ def main(argv=None) -> int:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_window.append(loss_sum / n_tokens.item() * world)  # this process's share, rescaled
+            share = world / n_tokens.item()  # this process's share of the batch's mean, rescaled
+            loss_window.append((loss_sum * share, nll_sum * share))
             bar.update(1)
 
             if step % args.log_every == 0 or step == total:
-                mean = torch.tensor(sum(loss_window) / len(loss_window), device=device)
+                mean = torch.tensor(loss_window, device=device).mean(dim=0)  # (loss, nll)
                 if distributed:
                     dist.all_reduce(mean)
                     mean /= world
                 elapsed = time.perf_counter() - t0
                 entry = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 3),
-                         "loss": round(mean.item(), 5), "lr": lr,
+                         "loss": round(mean[0].item(), 5), "nll": round(mean[1].item(), 5), "lr": lr,
                          "images_per_s": round(images_seen / (elapsed - paused), 2), "elapsed_s": round(elapsed, 1)}
                 if master:
                     record(entry)
@@ -487,11 +644,19 @@ def main(argv=None) -> int:
             pause = time.perf_counter()
             if master and evaluating:
                 evaluation()
+            patience_out = torch.tensor(int(evaluating and 0 < args.patience <= stale), device=device)
+            if distributed and evaluating:  # rank 0 evaluated: every process stops with it
+                dist.broadcast(patience_out, src=0)
+            if patience_out:
+                total = step  # the run ends here: last/ is saved as at the end
             if master and (step % save_every == 0 or step == total):
                 save(last, with_state=True)
             if distributed and (evaluating or step % save_every == 0):
                 dist.barrier()
             paused += time.perf_counter() - pause  # evaluation and saving are not training speed
+            if patience_out:
+                log(f"--patience {args.patience}: no better CIDEr-D in {args.patience} evaluations; stopping at step "
+                    f"{step} (best: {out / 'best'})")
     except KeyboardInterrupt:
         if master and step > 0:
             save(last, with_state=True)

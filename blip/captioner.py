@@ -2,10 +2,13 @@
 
     from blip.captioner import Captioner
     captioner = Captioner.from_pretrained("checkpoints/blip-base")
-    captioner.caption(["dog.jpg", "cat.png"], num_beams=3)   # -> ["a dog on the beach", ...]
+    captioner.caption(["dog.jpg", "cat.png"])   # -> ["a dog on the beach", ...]
+
+Captions are decoded as the checkpoint's config says (its prompt and `generation`: beams, lengths)
+unless the call says otherwise: `captioner.caption(images, num_beams=1, max_new_tokens=40)`.
 """
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -77,6 +80,16 @@ class OnDevice:
 class Captioner(OnDevice):
     model_class = BlipCaptioner
 
+    @property
+    def defaults(self) -> DecodeConfig:
+        """The checkpoint's own decoding settings (config.json's "generation")."""
+        return DecodeConfig(**asdict(self.model.config.generation))
+
+    @property
+    def prompt(self) -> str:
+        """The text the checkpoint's captions continue (config.json's "prompt")."""
+        return self.model.config.prompt
+
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A seeded random stream for sampling on this device (None: torch's global one)."""
         return None if seed is None else torch.Generator(self.device).manual_seed(seed)
@@ -87,16 +100,18 @@ class Captioner(OnDevice):
         `samples` take them in place of the images, so that several decodings share one encoding."""
         return self.model.encode_image(self.pixels(images))
 
-    def caption(self, images, prompt: str = "", config: DecodeConfig | None = None,
+    def caption(self, images, prompt: str | None = None, config: DecodeConfig | None = None,
                 generator: torch.Generator | None = None, seed: int | None = None,
                 attention: list | None = None, **options) -> list[str]:
-        """Caption PIL images or image paths (one batch), or their tokens from `encode`; `options` are
-        DecodeConfig fields.
-        The prompt conditions the caption but is not part of the returned text. For sampling,
+        """Caption PIL images or image paths (one batch), or their tokens from `encode`; `config`
+        (default: the checkpoint's, `defaults`) with `options`, DecodeConfig fields, changed in it.
+        The prompt (default: the checkpoint's) conditions the caption but is not part of the
+        returned text. For sampling,
         pass a seed, or a generator to continue one random stream over several calls.
         attention: when a list is given, it receives per image (words, maps): where the decoder
         looked for each word, (words, grid, grid) over the image patches (blip/attention_map.py)."""
-        config = replace(config or DecodeConfig(), **options)
+        config = replace(config or self.defaults, **options)
+        prompt = self.prompt if prompt is None else prompt
         if generator is None:
             generator = self.generator(seed)
         tokens = images if torch.is_tensor(images) else self.encode(images)
@@ -108,13 +123,15 @@ class Captioner(OnDevice):
         return [self.tokenizer.decode(i) for i in ids]
 
     @torch.inference_mode()
-    def samples(self, image, n: int, prompt: str = "", config: DecodeConfig | None = None,
+    def samples(self, image, n: int, prompt: str | None = None, config: DecodeConfig | None = None,
                 generator: torch.Generator | None = None) -> list[str]:
         """n captions of one image (PIL image or path, or its (1, N, C) tokens from `encode`) drawn by
         `config` (default: nucleus sampling), the image encoded once for all of them."""
         tokens = image if torch.is_tensor(image) else self.encode([image])
         tokens = tokens.expand(n, -1, -1)  # (n, N, C), a view of one encoding
-        config = config or DecodeConfig(sample=True, top_p=0.9, repetition_penalty=1.1)
+        config = config or DecodeConfig(sample=True, top_p=0.9, repetition_penalty=1.1,
+                                        max_new_tokens=self.defaults.max_new_tokens)
+        prompt = self.prompt if prompt is None else prompt
         ids = generate_from(self.model, tokens, self.tokenizer.encode_prompt(prompt), config, generator)
         return [self.tokenizer.decode(i) for i in ids]
 

@@ -6,9 +6,16 @@
     training.json       train.py's loop state (step, settings, ...), in its `last/` folder only
     training.safetensors   ... and its tensors: optimizer moments, random-number streams
 
+A LoRA folder (train.py --lora) holds adapters in place of the weights: config.json and tokenizer.json
+as above, and
+    adapter.safetensors the adapters' tensors alone (blip/lora.py)
+    adapter.json        their rank, scale and layers, and the full checkpoint folder they belong to with
+                        the sha256 of its model.safetensors, checked whenever the folder is loaded
+
 Conversion from HF snapshots and original BLIP files lives in blip/convert.py.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,11 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BlipConfig
+from .lora import LoraConfig, add_lora, load_lora_state_dict, lora_state_dict
 from .memory import drop_file_pages
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 STATE, STATE_TENSORS = "training.json", "training.safetensors"
+ADAPTER, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
 ARCHITECTURES = ("BlipCaptioner", "BlipRetrieval")  # what config.json's "architecture" may say
 
 
@@ -33,13 +42,65 @@ class CheckpointError(ValueError):
 
 def save_model(model, folder, tokenizer: Tokenizer | None = None):
     folder = Path(folder)
+    _save_config(model, folder, tokenizer)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+
+
+def _save_config(model, folder: Path, tokenizer: Tokenizer | None):
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architecture": type(model).__name__, **model.config.to_dict()}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER)
+
+
+# --- LoRA folders ---------------------------------------------------------------------------------
+def weights_sha256(folder) -> str:
+    """sha256 of a checkpoint folder's model.safetensors: what names the base of a LoRA folder."""
+    with open(_need(Path(folder), WEIGHTS), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_adapters(model, folder, tokenizer: Tokenizer | None, adapter: dict):
+    """A LoRA folder: config.json, tokenizer.json, the adapters' tensors and adapter.json, `adapter`:
+    {"base": the full checkpoint folder, "base_sha256": weights_sha256 of it, "lora": LoraConfig.to_dict()}."""
+    folder = Path(folder)
+    _save_config(model, folder, tokenizer)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER).write_text(json.dumps(adapter, indent=2) + "\n")
+
+
+def read_adapter(folder) -> dict | None:
+    """adapter.json of a LoRA folder ({"base", "base_sha256", "lora"}); None for a full checkpoint."""
+    path = Path(folder) / ADAPTER
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        LoraConfig.from_dict(d["lora"])
+        return {"base": str(d["base"]), "base_sha256": str(d["base_sha256"]), "lora": d["lora"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid adapter description ({e})") from None
+
+
+def _load_adapted(folder: Path, adapter: dict, model_class, map_location, config, dtype):
+    """The base checkpoint adapter.json names, checked by its hash, with the folder's adapters on it."""
+    base = Path(adapter["base"])
+    if not (base / WEIGHTS).is_file():
+        raise CheckpointError(f"{folder}: its LoRA adapters belong to {base}, which holds no {WEIGHTS} any more")
+    if weights_sha256(base) != adapter["base_sha256"]:
+        raise CheckpointError(f"{folder}: its LoRA adapters belong to {base} as it was (sha256 "
+                              f"{adapter['base_sha256'][:12]}...), but that checkpoint's weights have changed")
+    model = load_model(base, model_class, map_location, config or read_config(folder, model_class.__name__), dtype)
+    add_lora(model, LoraConfig.from_dict(adapter["lora"]))
+    path = folder / ADAPTER_WEIGHTS
+    try:
+        load_lora_state_dict(model, load_file(str(_need(folder, ADAPTER_WEIGHTS)), device=str(map_location)))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model.eval()
 
 
 def _config_json(folder) -> tuple[Path, dict | None, str | None]:
@@ -82,6 +143,9 @@ def load_model(folder, model_class, map_location="cpu", config: BlipConfig | Non
     folder's own) may change what weights do not fix, such as dropout. `dtype` (default fp32) is
     the dtype of its floating-point weights."""
     folder = Path(folder)
+    adapter = read_adapter(folder)
+    if adapter is not None:  # a LoRA folder: its base checkpoint, then the adapters
+        return _load_adapted(folder, adapter, model_class, map_location, config, dtype)
     config = config or read_config(folder, model_class.__name__)
     path = _need(folder, WEIGHTS)
     try:

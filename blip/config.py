@@ -45,9 +45,21 @@ class TextConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How a checkpoint's captions are decoded unless the caller says otherwise (caption.py, Captioner,
+    train.py's evaluation), as HF's generation_config.json. BLIP's values; train.py sets the lengths
+    from its training captions, so that a model taught long captions is not cut at 20 tokens."""
+
+    num_beams: int = 3  # beam search width (1: greedy)
+    max_new_tokens: int = 20  # new tokens at most, the closing [SEP] counted
+    min_new_tokens: int = 5  # [SEP] is not allowed before this many new tokens
+
+
+@dataclass
 class BlipConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     embed_dim: int = 256  # BlipRetrieval: width of the image and text features ITC compares
     label_smoothing: float = 0.1  # BLIP's captioning loss smooths labels by 0.1
     prompt: str = "a picture of "  # BLIP prepends this to captions; its tokens are not trained on
@@ -58,7 +70,7 @@ class BlipConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "BlipConfig":
         d = dict(d)
-        for name, sub in (("vision", VisionConfig), ("text", TextConfig)):
+        for name, sub in (("vision", VisionConfig), ("text", TextConfig), ("generation", GenerationConfig)):
             d[name] = _build(sub, d.get(name, {}), name)
         return _build(cls, d, "config")
 

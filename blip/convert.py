@@ -14,9 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from .checkpoint import CheckpointError, architecture, check_state_dict, load_tokenizer
+from .checkpoint import CheckpointError, architecture, check_state_dict, load_tokenizer, read_adapter
 from .config import BlipConfig, TextConfig, VisionConfig
 from .image import CLIP_MEAN, CLIP_STD
+from .lora import merge_lora
 from .model import BlipCaptioner, BlipRetrieval
 from .tokenizer import Tokenizer, write_hf_files
 
@@ -355,11 +356,24 @@ def convert(src, out, tokenizer_path=None, image_size=None):
     return model
 
 
+def merge_adapters(folder, out):
+    """A train.py --lora folder -> a full checkpoint folder: its adapters folded into the weights of the
+    checkpoint they belong to (blip/lora.py merge_lora)."""
+    if read_adapter(folder) is None:
+        raise CheckpointError(f"{folder} holds no LoRA adapters (no adapter.json): it is a full checkpoint already")
+    kind = architecture(folder)
+    model = KINDS[kind].model_class.from_pretrained(folder)
+    merge_lora(model)
+    model.save_pretrained(out, load_tokenizer(folder))
+    return model
+
+
 def export_hf(ours, out):
     """Write our checkpoint folder as an HF snapshot that BlipForConditionalGeneration (or, for a
-    BlipRetrieval folder, BlipForImageTextRetrieval) loads."""
+    BlipRetrieval folder, BlipForImageTextRetrieval) loads. A LoRA folder is merged on the way."""
     kind = architecture(ours)
     model, tokenizer = KINDS[kind].model_class.from_pretrained(ours), load_tokenizer(ours)
+    merge_lora(model)  # nothing to do for a full checkpoint
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = rename(model.state_dict(), OURS, HF, str(ours), KINDS[kind])  # tied LM-head weights left out, as HF

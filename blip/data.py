@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .image import IMAGE_SUFFIXES, ImageError, TrainTransform, eval_transform, load_image
+from .image import IMAGE_SUFFIXES, ImageError, TrainTransform, eval_transform, flip_caption, load_image
 
 VAL_NAMES = ("val", "validation", "valid")
 MAX_WORDS = 30  # BLIP truncates training captions to 30 words
@@ -261,6 +261,16 @@ def read_splits(root, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, 
     return hold_out(everything, val_fraction, seed)
 
 
+def read_eval_set(folder) -> Split:
+    """An extra validation set (train.py --eval-data): a data folder's validation split when it has one
+    (val/ or validation/), else all of the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    val_dir = next((folder / n for n in VAL_NAMES if (folder / n).is_dir()), None)
+    return read_folder(val_dir or folder)
+
+
 def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     rows = list(split.rows)
     random.Random(seed).shuffle(rows)
@@ -290,27 +300,32 @@ def check_images(split: Split, progress=None) -> Split:
 
 
 # --- batches --------------------------------------------------------------------------------------
-def pairs(rows: list[Row]) -> list[tuple[Row, str]]:
-    """One (image, caption) pair per caption: an epoch sees every caption once, as BLIP trains."""
-    return [(row, caption) for row in rows for caption in row.captions]
-
-
 class TrainSet(torch.utils.data.Dataset):
-    """(image, caption) pairs through BLIP's train transform. Indexed by (pair, seed): the sampler
-    chooses the order and every sample's augmentation, so any process draws the same batch."""
+    """(image, caption) pairs through BLIP's train transform, one pair per caption: an epoch sees every
+    caption once, as BLIP trains. Indexed by (pair, seed): the sampler chooses the order and every
+    sample's augmentation, so any process draws the same batch.
 
-    def __init__(self, rows: list[Row], size: int, prompt: str, augment: str = "blip"):
-        self.pairs = pairs(rows)
+    With `cached`, a sample is not pixels but the index of its picture's tokens in train.py's cache of
+    image tokens (blip/token_cache.py): image i's view v (TrainTransform.view) is i * views + v."""
+
+    def __init__(self, rows: list[Row], size: int, prompt: str, augment: str = "blip", cached: bool = False):
+        self.rows = rows
+        self.pairs = [(i, caption) for i, row in enumerate(rows) for caption in row.captions]
         self.transform = TrainTransform(size, augment)
-        self.prompt = prompt
+        self.prompt, self.cached = prompt, cached
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        row, caption = self.pairs[index]
-        pixels, caption = self.transform(row.load(), clean_caption(caption, MAX_WORDS), seed)
+        i, caption = self.pairs[index]
+        caption = clean_caption(caption, MAX_WORDS)
+        if self.cached:
+            view = self.transform.view(seed)
+            caption = flip_caption(caption) if view else caption
+            return torch.tensor(i * self.transform.views + view), self.prompt + caption
+        pixels, caption = self.transform(self.rows[i].load(), caption, seed)
         return pixels, self.prompt + caption
 
 

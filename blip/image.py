@@ -133,14 +133,31 @@ class TrainTransform:
         hparams = {"translate_pct": 2 * 5 / 384, "img_mean": fill}
         self.rand_augment = RandAugment(rand_augment_ops(magnitude, hparams=hparams, transforms=RAND_OPS), num_layers=2)
 
+    @property
+    def views(self) -> int | None:
+        """How many distinct pictures the transform makes of one image: 1 (none), 2 (flip: as it is or
+        mirrored), None for "blip" (random crops: too many to compute ahead, train.py's cached image tokens)."""
+        return {"none": 1, "flip": 2}.get(self.augment)
+
+    def view(self, seed: int) -> int:
+        """Which of the `views` the sample of `seed` gets: 1 when mirrored, else 0 (not for "blip")."""
+        if self.augment == "blip":
+            raise ValueError("random crops give no fixed views")
+        return int(self.augment == "flip" and random.Random(seed).random() < 0.5)  # the draw seeded(seed) makes
+
     def __call__(self, im: Image.Image, caption: str, seed: int) -> tuple[torch.Tensor, str]:
+        if self.augment != "blip":
+            view = self.view(seed)
+            return self.view_pixels(im, view), flip_caption(caption) if view else caption
         im = to_rgb(im)
-        if self.augment != "none":
-            with seeded(seed):
-                if self.augment == "blip":
-                    im = self.crop(im)
-                if random.random() < 0.5:
-                    im, caption = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flip_caption(caption)
-                if self.augment == "blip":
-                    im = self.rand_augment(im)
+        with seeded(seed):
+            im = self.crop(im)
+            if random.random() < 0.5:
+                im, caption = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flip_caption(caption)
+            im = self.rand_augment(im)
         return eval_transform(im, self.size), caption
+
+    def view_pixels(self, im: Image.Image, view: int) -> torch.Tensor:
+        """(3, size, size) pixels of one of the `views`: 0 the picture as it is, 1 mirrored."""
+        im = to_rgb(im)
+        return eval_transform(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view else im, self.size)

@@ -53,9 +53,12 @@ class BlipCaptioner(Pretrained):
         """(B, 3, H, W) -> (B, N, C_img) image tokens."""
         return self.visual_encoder(pixel_values)
 
-    def forward(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-        """pixel_values (B, 3, H, W), input_ids (B, T), attention_mask (B, T) -> logits (B, T, vocab)."""
-        image_embeds = self.encode_image(pixel_values)
+    def forward(self, pixel_values, input_ids, attention_mask=None, image_embeds=None) -> torch.Tensor:
+        """pixel_values (B, 3, H, W), input_ids (B, T), attention_mask (B, T) -> logits (B, T, vocab).
+        image_embeds: the images' tokens (B, N, C_img) when already encoded (train.py's cache of image
+        tokens); pixel_values is then None."""
+        if image_embeds is None:
+            image_embeds = self.encode_image(pixel_values)
         return self.text_decoder(input_ids, attention_mask, image_embeds)
 
     def new_cache(self, image_embeds: torch.Tensor, record: bool = False) -> KVCache:

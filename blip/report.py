@@ -80,17 +80,30 @@ def write_report(out: Path, records: list[dict], images: list[str]):
     """Write OUT/report.html from the metrics records and the gallery's thumbnails (atomically)."""
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
+    others = list(dict.fromkeys(name for r in evals for name in r.get("eval_sets", {})))  # train.py --eval-data
+
+    def series(metric: str) -> dict:  # the validation set's curve, then each --eval-data set's
+        curves = {"validation": [(r["step"], r[metric]) for r in evals]}
+        for name in others:
+            curves[name] = [(r["step"], r["eval_sets"][name][metric]) for r in evals if name in r.get("eval_sets", {})]
+        return curves
+
     charts = [
-        line_chart("loss", {"train": [(r["step"], r["loss"]) for r in train],
-                            "validation": [(r["step"], r["val_loss"]) for r in evals]}),
-        line_chart("CIDEr-D", {"CIDEr-D": [(r["step"], r["cider"]) for r in evals]}),
-        line_chart("BLEU-4", {"BLEU-4": [(r["step"], r["bleu4"]) for r in evals]}),
-        line_chart("exact captions", {"exact": [(r["step"], r["exact"]) for r in evals]}),
+        # the same measure on both sides: training's loss without its label smoothing ("nll"), as validation's
+        line_chart("loss (no label smoothing)", {"train": [(r["step"], r.get("nll", r["loss"])) for r in train],
+                                                 **series("val_loss")}),
+        line_chart("CIDEr-D", series("cider")),
+        line_chart("BLEU-4", series("bleu4")),
+        line_chart("exact captions", series("exact")),
     ]
     table = "".join(
         f"<tr><td>{r['step']}</td><td>{r['epoch']:g}</td><td>{r['val_loss']:.3f}</td><td>{r['bleu4']:.3f}</td>"
-        f"<td>{r['cider']:.3f}</td><td>{r['exact']:.1%}</td></tr>" for r in evals
+        f"<td>{r['cider']:.3f}</td><td>{r['exact']:.1%}</td>"
+        + "".join(f"<td>{s['cider']:.3f}</td><td>{s['exact']:.1%}</td>" if (s := r.get("eval_sets", {}).get(n))
+                  else "<td></td><td></td>" for n in others)
+        + "</tr>" for r in evals
     )
+    other_heads = "".join(f"<th>{html.escape(n)} CIDEr-D</th><th>{html.escape(n)} exact</th>" for n in others)
     sections = "".join(
         f'<details{" open" if i == len(evals) - 1 else ""}><summary>step {r["step"]} (epoch {r["epoch"]:g}): '
         f'CIDEr-D {r["cider"]:.3f}, exact {r["exact"]:.1%}</summary>{gallery(r, images)}</details>'
@@ -108,7 +121,7 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:2px 8px;t
 reference, red otherwise; references are grey.</p>
 <div class="charts">{"".join(charts)}</div>
 <h2>Evaluations</h2><table><tr><th>step</th><th>epoch</th><th>val loss</th><th>BLEU-4</th><th>CIDEr-D</th>
-<th>exact</th></tr>{table}</table>
+<th>exact</th>{other_heads}</tr>{table}</table>
 <h2>Validation captions</h2>{sections}</body></html>
 """
     tmp = out / "report.html.tmp"

@@ -1,0 +1,149 @@
+"""LoRA: fine-tune a few low-rank adapters instead of the whole model (Hu et al., 2021, "LoRA:
+Low-Rank Adaptation of Large Language Models", section 4.1).
+
+A frozen linear layer y = x W^T + b gets a trainable update of rank r:
+
+    y = x W^T + b + scale * (x A^T) B^T,    A (r, in), B (out, r), scale = alpha / r
+
+B starts at zero, so a fresh adapter changes nothing, and only A and B are trained: r * (in + out)
+numbers per layer instead of in * out. After training, `merge_lora` folds scale * B A into W and
+the model is a plain one again: same names, same speed. The maths and the initialisation are
+peft's `LoraConfig` / `get_peft_model` (tests/test_lora.py checks loss and gradients against peft
+on HF's BLIP); the tied LM-head matrix is not a layer here and is never adapted.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .linear import Linear, linear
+
+# the last part of every adaptable layer's name (blip/vit.py, blip/text.py)
+TARGETS = ("qkv", "proj", "fc1", "fc2", "query", "key", "value", "out", "dense")
+# "vision.fc1" adapts the ViT's fc1 only, "text.fc1" the text model's
+SCOPES = {"vision": ("visual_encoder.",), "text": ("text_decoder.", "text_encoder.")}
+
+
+def check_target(target: str) -> str:
+    """`target`, if it names layers (`TARGETS`, optionally prefixed by "vision." or "text."); else ValueError."""
+    scope, _, name = target.rpartition(".")
+    if name not in TARGETS or scope not in ("", *SCOPES):
+        raise ValueError(f"unknown LoRA target {target!r}: choose from {', '.join(TARGETS)}, "
+                         "each optionally prefixed by vision. or text. (e.g. text.query)")
+    return target
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """A comma-separated list (the `--lora-targets` flag) -> a tuple of checked targets."""
+    targets = tuple(check_target(t.strip()) for t in text.split(",") if t.strip())
+    if not targets:
+        raise ValueError(f"no LoRA target given: choose from {', '.join(TARGETS)}")
+    return targets
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8  # r: the adapters' inner width
+    alpha: float = 16.0  # scale = alpha / rank, so a change of rank keeps the update's size
+    targets: tuple[str, ...] = ("qkv", "query", "value")  # the paper adapts W_q and W_v; the ViT's are fused in qkv
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, not {self.rank}")
+        self.targets = tuple(check_target(t) for t in self.targets)
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraConfig":
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]))
+
+
+def targeted(name: str, targets: tuple[str, ...]) -> bool:
+    """Does the module called `name` (e.g. "text_decoder.layers.0.self_attn.query") match a target?"""
+    for target in targets:
+        scope, _, last = target.rpartition(".")
+        if name.rpartition(".")[2] == last and (not scope or name.startswith(SCOPES[scope])):
+            return True
+    return False
+
+
+class LoRALinear(Linear):
+    """A Linear plus a low-rank adapter. It holds the wrapped layer's own weight and bias Parameters,
+    so their state-dict names stay `<layer>.weight` and `<layer>.bias`; the adapter adds
+    `<layer>.lora_A` and `<layer>.lora_B`."""
+
+    def __init__(self, base: Linear, rank: int, alpha: float):
+        with torch.device("meta"):  # placeholders, replaced at once by the base layer's own parameters
+            super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.weight, self.bias, self.packed = base.weight, base.bias, base.packed
+        self.training = base.training
+        self.scale = alpha / rank
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's (and nn.Linear's) draw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight, self.bias, self.packed)  # (..., out); may take the packed CPU path
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (..., r) -> (..., out)
+
+    def merged(self) -> Linear:
+        """Fold the adapter into the weight (W += scale * B A); a plain Linear holding the same parameters."""
+        with torch.no_grad():
+            self.weight.add_((self.lora_B @ self.lora_A * self.scale).to(self.weight.dtype))  # (out, in)
+        with torch.device("meta"):
+            plain = Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight, plain.bias, plain.packed = self.weight, self.bias, self.packed
+        plain.training = self.training
+        return plain
+
+
+def adapters(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) of every adapted layer in the model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Put an adapter on every Linear that `config.targets` names and freeze everything else; only
+    the adapters train. Returns the adapted layers' names."""
+    if adapters(model):
+        raise ValueError("the model has LoRA adapters already")
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear) and targeted(n, config.targets)]
+    if not names:
+        raise ValueError(f"no linear layer matches the LoRA targets {', '.join(config.targets)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), config.rank, config.alpha))
+    return names
+
+
+def merge_lora(model: nn.Module):
+    """Fold every adapter into its layer's weight: the model's state dict has the base names only again.
+    The base weights stay frozen."""
+    for name, module in adapters(model):
+        model.set_submodule(name, module.merged())
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors only, by full name (`text_decoder.layers.0.self_attn.query.lora_A`)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]):
+    """Copy `state` into the model's adapters: every adapter present, no other name, shapes equal."""
+    own = lora_state_dict(model)
+    for problem, keys in (("missing", own.keys() - state.keys()), ("unknown", state.keys() - own.keys())):
+        if keys:
+            raise ValueError(f"LoRA weights do not fit the model: {len(keys)} {problem}, e.g. {min(keys)}")
+    for key, value in state.items():  # all checked before any is copied
+        if value.shape != own[key].shape:
+            raise ValueError(f"LoRA weight {key}: shape {tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
