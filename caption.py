@@ -60,6 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="sampling: random seed, for captions that repeat run to run")
     p.add_argument("--repetition-penalty", type=float, metavar="R",
                    help="R > 1 discourages repeated tokens (default: 1.1 when sampling, 1.0 otherwise, as BLIP)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="no sequence of N tokens twice in a caption, the prompt included (HF's no_repeat_ngram_size; "
+                   "default: 0, off)")
+    p.add_argument("--bad-words", metavar="W1,W2", default="",
+                   help="comma-separated words or phrases never to write (HF's bad_words_ids, from their tokens)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default: auto, a GPU when there is one)")
@@ -99,7 +104,7 @@ def parse_args(argv=None):
         min_new_tokens=generation.min_new_tokens if args.min_length is None else args.min_length,
         num_beams=beams, sample=args.sample,
         top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
     )
     try:
         args.decode.validate()
@@ -202,6 +207,10 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    words = [w.strip() for w in args.bad_words.split(",") if w.strip()]
+    if words:  # each word's tokens in this checkpoint's vocabulary
+        bad = tuple(tuple(captioner.tokenizer.tokens(w)) for w in words)
+        args.decode, args.sampling = (replace(c, bad_words_ids=bad) for c in (args.decode, args.sampling))
 
     failed = len(problems)
     opened = open(args.output, "w", newline="", encoding="utf-8") if args.output else nullcontext(sys.stdout)

@@ -28,6 +28,8 @@ class DecodeConfig:
     temperature: float = 1.0  # divides the logits before sampling; < 1 is more conservative
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the sequence less likely (CTRL)
     length_penalty: float = 1.0  # a finished beam scores sum(log p) / new_tokens ** length_penalty
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens twice in a sequence, prompt included
+    bad_words_ids: tuple = ()  # token sequences never to generate (HF's bad_words_ids): ((id, ...), ...)
 
     def validate(self):
         checks = [
@@ -39,6 +41,8 @@ class DecodeConfig:
             (self.top_k >= 0, "top-k must be 0 (off) or positive"),
             (self.temperature > 0, "temperature must be positive"),
             (self.repetition_penalty > 0, "repetition penalty must be positive"),
+            (self.no_repeat_ngram_size >= 0, "no-repeat n-gram size must be 0 (off) or positive"),
+            (all(len(words) for words in self.bad_words_ids), "a banned word has no tokens"),
         ]
         for ok, message in checks:
             if not ok:
@@ -86,16 +90,41 @@ def generate_from(model, image, prompt_ids: list[int], cfg: DecodeConfig, genera
 
 
 def penalize(scores, seqs, n_new: int, cfg: DecodeConfig, sep: int) -> torch.Tensor:
-    """Repetition penalty on every token already in `seqs` (prompt included), and no [SEP]
-    before min_new_tokens. scores: (n, vocab) logits or log-probs; seqs: (n, t)."""
+    """Repetition penalty on every token already in `seqs` (prompt included), banned tokens (`banned`),
+    and no [SEP] before min_new_tokens, in HF's order. scores: (n, vocab) logits or log-probs; seqs: (n, t)."""
     if cfg.repetition_penalty != 1.0:
         seen = scores.gather(1, seqs)
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         scores = scores.scatter(1, seqs, seen)
+    if cfg.no_repeat_ngram_size or cfg.bad_words_ids:
+        rows, tokens = banned(seqs.tolist(), cfg)
+        if rows:
+            at = dict(device=scores.device)
+            scores = scores.index_put((torch.tensor(rows, **at), torch.tensor(tokens, **at)),
+                                      torch.tensor(-float("inf"), **at))
     if n_new < cfg.min_new_tokens:
         scores = scores.clone()
         scores[:, sep] = -float("inf")
     return scores
+
+
+def banned(seqs: list[list[int]], cfg: DecodeConfig) -> tuple[list[int], list[int]]:
+    """(sequence, token) pairs that must not come next, as HF's NoRepeatNGram and NoBadWords processors:
+    a token that would make an n-gram of `no_repeat_ngram_size` tokens the sequence already holds, and the
+    last token of a bad word whose other tokens the sequence ends with (a one-token word: always)."""
+    rows, tokens = [], []
+    n = cfg.no_repeat_ngram_size
+    for r, seq in enumerate(seqs):
+        ban = set()
+        if n and len(seq) >= n - 1:
+            last = seq[len(seq) - n + 1 :] if n > 1 else []  # the n - 1 tokens a new one would complete
+            ban |= {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == last}
+        for words in cfg.bad_words_ids:
+            if len(words) == 1 or (len(seq) >= len(words) - 1 and seq[len(seq) - len(words) + 1 :] == list(words[:-1])):
+                ban.add(words[-1])
+        rows += [r] * len(ban)
+        tokens += sorted(ban)
+    return rows, tokens
 
 
 def nucleus(logits, cfg: DecodeConfig) -> torch.Tensor:

@@ -51,6 +51,27 @@ def test_api_equals_hf_end_to_end(hf_taught, vocab_dir, images):
             assert captioner.caption(pil, prompt, **options) == expected
 
 
+def test_bans_equal_hf(hf_taught, vocab_dir, images, capsys):
+    """--no-repeat-ngram and --bad-words give HF generate's captions with no_repeat_ngram_size and
+    bad_words_ids (the words' tokens), at the checkpoint's defaults: beam 3, 5-20 tokens, BLIP's prompt."""
+    hf, folder = hf_taught
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 64, "width": 64}),
+                              BertTokenizerFast(vocab=str(vocab_dir / "vocab.txt")))
+    paths = sorted(images.glob("*.png"))
+    pil = [Image.open(p).convert("RGB") for p in paths]
+    prompt, bad = "a picture of ", ["a", "with", "on the"]
+    inputs = processor(images=pil, text=[prompt] * len(pil), return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, num_beams=3, max_new_tokens=20, min_new_tokens=5, no_repeat_ngram_size=2,
+                          bad_words_ids=processor.tokenizer(bad, add_special_tokens=False).input_ids)
+    expected = [t[len(prompt):].strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
+    code, out, err = run(capsys, *paths, "--checkpoint", folder, "--no-repeat-ngram", 2, "--bad-words", ",".join(bad))
+    assert code == 0, err
+    assert [line.split(": ", 1)[1] for line in out.splitlines()] == expected
+    code, plain, _ = run(capsys, *paths, "--checkpoint", folder)
+    assert plain != out  # the bans changed some caption
+
+
 def run(capsys, *args) -> tuple[int, str, str]:
     code = caption.main([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -8,6 +8,7 @@ from blip import BlipCaptioner
 from blip.decoding import DecodeConfig, beam_search, generate, greedy_or_sample, nucleus
 from conftest import taught_images
 
+BAD_WORDS = ["a", "with", "on the"]  # words the taught model says often; "on the" is two tokens
 CASES = [  # (name, DecodeConfig fields, as HF generate kwargs too)
     ("greedy", dict(max_new_tokens=20)),
     ("greedy-min-max", dict(max_new_tokens=8, min_new_tokens=6)),
@@ -16,6 +17,11 @@ CASES = [  # (name, DecodeConfig fields, as HF generate kwargs too)
     ("beam3-min-max", dict(num_beams=3, max_new_tokens=12, min_new_tokens=5)),
     ("beam3-repetition", dict(num_beams=3, max_new_tokens=15, repetition_penalty=1.5)),
     ("beam4-short", dict(num_beams=4, max_new_tokens=6)),
+    ("greedy-no-repeat-2", dict(max_new_tokens=20, no_repeat_ngram_size=2)),
+    ("greedy-no-repeat-1", dict(max_new_tokens=12, no_repeat_ngram_size=1)),
+    ("beam3-no-repeat-3", dict(num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3)),
+    ("greedy-bad-words", dict(max_new_tokens=20, bad_words_ids=BAD_WORDS)),
+    ("beam3-bad-words", dict(num_beams=3, max_new_tokens=20, bad_words_ids=BAD_WORDS)),
 ]
 
 
@@ -36,6 +42,8 @@ def hf_new_tokens(hf, tokenizer, images, prompt, **kwargs) -> list[list[int]]:
 @pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_same_ids_as_hf_generate(hf_taught, tokenizer, prompt, name, kwargs):
     hf, folder = hf_taught
+    if "bad_words_ids" in kwargs:  # words -> token sequences, as HF's docs say to make them
+        kwargs = {**kwargs, "bad_words_ids": [tokenizer.tokens(w) for w in kwargs["bad_words_ids"]]}
     ours = BlipCaptioner.from_pretrained(folder)
     images = taught_images(8, seed=123)  # images it was not taught: its captions are uncertain
     got = generate(ours, images, tokenizer.encode_prompt(prompt), DecodeConfig(**kwargs))
@@ -43,6 +51,26 @@ def test_same_ids_as_hf_generate(hf_taught, tokenizer, prompt, name, kwargs):
     if "min_new_tokens" in kwargs:
         assert all(len(ids) >= kwargs["min_new_tokens"] for ids in got)
     assert all(len(ids) <= kwargs["max_new_tokens"] for ids in got)
+
+
+def test_bans_change_the_captions_and_hold(hf_taught, tokenizer):
+    """The ban cases above would prove little if the taught model never repeated a token or said a banned
+    word: it does, and with the bans no sequence holds a repeated token or a banned word."""
+    _, folder = hf_taught
+    ours = BlipCaptioner.from_pretrained(folder)
+    images = taught_images(8, seed=123)
+    prompt = tokenizer.encode_prompt("a picture of ")
+    for beams in (1, 3):
+        plain = generate(ours, images, prompt, DecodeConfig(max_new_tokens=20, num_beams=beams))
+        once = generate(ours, images, prompt, DecodeConfig(max_new_tokens=20, num_beams=beams, no_repeat_ngram_size=1))
+        assert once != plain
+        assert all(len(set(prompt + ids)) == len(prompt + ids) for ids in once)  # no token twice
+        bad = [tokenizer.tokens(w) for w in BAD_WORDS]
+        clean = generate(ours, images, prompt, DecodeConfig(max_new_tokens=20, num_beams=beams, bad_words_ids=bad))
+        assert clean != plain and any(t in ids for ids in plain for t in bad[0] + bad[1])
+        for ids in clean:
+            assert not {bad[0][0], bad[1][0]} & set(ids)
+            assert all(ids[i : i + 2] != bad[2] for i in range(len(ids) - 1))
 
 
 def test_beam_search_is_not_greedy_here(hf_taught, tokenizer):
