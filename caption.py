@@ -1,8 +1,11 @@
-"""Caption images with a BLIP checkpoint folder.
+"""Caption images with a BLIP checkpoint folder: a few photos, or a whole data set.
 
     python caption.py photo.jpg
     python caption.py holiday/ "scans/*.png" --format jsonl --output captions.jsonl
     python caption.py photo.jpg --sample --top-p 0.9 --seed 0 --prompt "a picture of"
+    python caption.py dataset/ --sidecar                 # dataset/a.jpg -> dataset/a.txt; a rerun does the rest
+    python caption.py dataset/ --format jsonl --output all.jsonl --resume   # after a kill: the rest, appended
+    torchrun --nproc_per_node 4 caption.py dataset/ --sidecar              # 4 processes (GPUs), a share each
 
 Beams, caption lengths and the prompt default to the checkpoint's own (config.json: "prompt" and
 "generation"; BLIP's beam 3, 5 to 20 new tokens, "a picture of " for converted weights; train.py sets
@@ -10,15 +13,16 @@ the lengths from the captions it trained on).
 """
 
 import argparse
-import csv
 import glob
-import json
+import itertools
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from blip.attention_map import draw
@@ -26,7 +30,8 @@ from blip.captioner import Captioner, Matcher
 from blip.checkpoint import CheckpointError, read_config
 from blip.config import BlipConfig
 from blip.decoding import DecodeConfig
-from blip.image import IMAGE_SUFFIXES, ImageError, load_image
+from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
+from blip.outputs import EXISTING, Sidecars, Stream, captioned, read_records
 from blip.trace import Trace
 
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
@@ -73,7 +78,24 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text",
                    help="text: 'PATH: caption' lines; jsonl: {\"image\": PATH, \"caption\": TEXT} lines; "
                    "csv: image,caption rows (default: text)")
-    p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output")
+    p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output (an existing "
+                   "FILE is refused unless --resume)")
+    p.add_argument("--resume", action="store_true", help="with --output FILE (jsonl or csv): skip the pictures FILE "
+                   "holds a caption of, append the rest")
+    p.add_argument("--sidecar", nargs="?", const=".txt", metavar="EXT",
+                   help="write each caption to a file beside its picture, photo.jpg -> photo.EXT (default EXT: .txt); "
+                   "written whole or not at all")
+    p.add_argument("--output-dir", metavar="DIR", help="with --sidecar: caption files go under DIR, at each picture's "
+                   "place in the folder it was found in")
+    p.add_argument("--existing", choices=EXISTING, default="skip",
+                   help="with --sidecar, a picture whose caption file exists: skip it (default: a rerun does only what "
+                   "is left), overwrite the file, or append / prepend the new caption to it")
+    p.add_argument("--separator", default="\n", metavar="TEXT", help="between the old and new caption for "
+                   "--existing append/prepend (default: a new line: a caption per line, as train.py reads them)")
+    p.add_argument("--prefix", default="", metavar="TEXT", help="text put before every caption written")
+    p.add_argument("--suffix", default="", metavar="TEXT", help="text put after every caption written")
+    p.add_argument("--workers", type=int, metavar="N", help="processes that read and resize pictures while the model "
+                   "works (default: 0 for one batch, else 1 on the CPU, up to 8 with a GPU)")
     p.add_argument("--rerank", metavar="ITM_DIR",
                    help="make --candidates captions per image and print the one an image-text matching model "
                    "(a BlipRetrieval folder from convert_weights.py) scores best; jsonl/csv add its score")
@@ -89,6 +111,17 @@ def parse_args(argv=None):
         p.error(f"--attention-map: no folder {Path(args.attention_map).parent} to write into")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must not be negative")
+    if args.sidecar and args.output:
+        p.error("--sidecar writes a caption file per picture; give it or --output FILE, not both")
+    if args.output_dir and not args.sidecar:
+        p.error("--output-dir is where --sidecar's caption files go: add --sidecar")
+    if args.resume and not (args.output and args.format in ("jsonl", "csv")):
+        p.error("--resume continues an --output FILE in jsonl or csv (--sidecar runs skip finished pictures "
+                "by themselves)")
+    if args.output and Path(args.output).exists() and not args.resume:
+        p.error(f"{args.output} exists: add --resume to caption only the pictures it lacks, or choose another --output")
     if args.candidates < 1:
         p.error("--candidates must be at least 1")
     if args.rerank and args.attention_map:
@@ -123,8 +156,9 @@ def checkpoint_config(folder) -> BlipConfig:
         return BlipConfig()
 
 
-def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
-    """PATH arguments -> (image files, problems). A folder gives its images, sorted, recursively."""
+def expand(paths: list[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """PATH arguments -> ((image file, the folder it was found in), problems). A folder gives its images,
+    sorted, recursively; a glob's folder is the part of the pattern before its first wildcard."""
     files, problems = [], []
     for arg in paths:
         path = Path(arg)
@@ -132,37 +166,35 @@ def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
             found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not found:
                 problems.append(f"{arg}: no images in this folder")
-            files += found
+            files += [(f, path) for f in found]
         elif path.exists():
-            files.append(path)
+            files.append((path, path.parent))
         elif glob.has_magic(arg):
             found = sorted(Path(f) for f in glob.glob(arg, recursive=True) if Path(f).is_file())
             if not found:
                 problems.append(f"{arg}: no files match")
-            files += found
+            fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), path.parts))
+            files += [(f, Path(*fixed) if fixed else Path(".")) for f in found]
         else:
             problems.append(f"{arg}: no such file or folder")
     return files, problems
 
 
-class Writer:
-    """Writes each caption as soon as it exists, so an interrupted run keeps what it did."""
+class Pictures(torch.utils.data.Dataset):
+    """Image files -> (index, (3, size, size) pixels) or (index, error message): what the DataLoader's
+    worker processes read, decode and resize while the model captions the batch before."""
 
-    def __init__(self, out, fmt: str, scored: bool = False):
-        self.out, self.fmt = out, fmt
-        if fmt == "csv":
-            self.csv = csv.writer(out)
-            self.csv.writerow(["image", "caption", "score"] if scored else ["image", "caption"])
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
 
-    def write(self, path: Path, caption: str, score: float | None = None):
-        extra = {} if score is None else {"score": round(score, 6)}
-        if self.fmt == "jsonl":
-            self.out.write(json.dumps({"image": str(path), "caption": caption, **extra}, ensure_ascii=False) + "\n")
-        elif self.fmt == "csv":
-            self.csv.writerow([str(path), caption, *extra.values()])
-        else:
-            self.out.write(f"{path}: {caption}\n")
-        self.out.flush()
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, eval_transform(load_image(self.files[i]), self.size)
+        except ImageError as e:
+            return i, str(e)
 
 
 def rerank(captioner, matcher, image, tokens, caption: str, args, generator) -> tuple[str, float]:
@@ -189,18 +221,58 @@ def map_paths(out: str, images: list[Path]) -> dict[Path, Path]:
             for i, p in enumerate(images)}
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun, each process captions every world-th picture."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    files, problems = expand(args.paths)
-    for problem in problems:
+    rank, world = distributed()
+    master = rank == 0
+    found, problems = expand(args.paths)
+    unique = {}
+    for path, root in found:
+        unique.setdefault(path, root)  # a picture named twice is captioned once
+    found = list(unique.items())
+    for problem in problems if master else []:
         print(f"error: {problem}", file=sys.stderr)
-    if not files:
+    if not found:
         return 1
     if not Path(args.checkpoint).is_dir():
         print(f"error: no checkpoint folder at {args.checkpoint}; make one with "
               f"`python convert_weights.py Salesforce/blip-image-captioning-base {args.checkpoint}` "
               "(README: Real weights)", file=sys.stderr)
         return 1
+
+    # --- what is left to do: pictures without a caption file, or not in FILE (--resume) -------------
+    sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir) if args.sidecar else None
+    earlier = []  # FILE's caption records, kept in front of the new ones
+    if sidecars is not None:
+        targets = {}
+        for path, root in found:
+            other = targets.setdefault(sidecars.target(path, root), path)
+            if other != path:
+                print(f"error: {other} and {path} would both write {sidecars.target(path, root)}", file=sys.stderr)
+                return 2
+        todo = [(path, root) for path, root in found if sidecars.pending(path, root)]
+    elif args.output and args.resume and Path(args.output).is_file():
+        earlier = captioned(Path(args.output), args.format)
+        parts = sorted(Path(args.output).parent.glob(f"{Path(args.output).name}.part-*")) if world > 1 else []
+        done = {r["image"] for r in earlier} | {r["image"] for p in parts for r in captioned(p, args.format)}
+        todo = [(path, root) for path, root in found if str(path) not in done]
+    else:
+        todo = found
+    skipped = len(found) - len(todo)
+    if skipped and master:
+        print(f"{skipped} of {len(found)} pictures have their caption already: skipped", file=sys.stderr)
+    mine = todo[rank::world]  # this process's share
+
     try:
         captioner = Captioner.from_pretrained(args.checkpoint, args.device, args.dtype)
         matcher = Matcher.from_pretrained(args.rerank, args.device, args.dtype) if args.rerank else None
@@ -212,43 +284,114 @@ def main(argv=None) -> int:
         bad = tuple(tuple(captioner.tokenizer.tokens(w)) for w in words)
         args.decode, args.sampling = (replace(c, bad_words_ids=bad) for c in (args.decode, args.sampling))
 
-    failed = len(problems)
-    opened = open(args.output, "w", newline="", encoding="utf-8") if args.output else nullcontext(sys.stdout)
+    # --- where captions go ----------------------------------------------------------------------------
+    if sidecars is not None or not args.output:
+        opened = nullcontext(sys.stdout)
+    elif world > 1:  # each process its own part, merged in input order at the end
+        opened = open(part_name(args.output, rank), "a" if args.resume else "w", newline="", encoding="utf-8")
+    else:
+        opened = open(args.output, "a" if args.resume else "w", newline="", encoding="utf-8")
     generator = captioner.generator(args.seed)  # one random stream for the whole run
-    map_out = map_paths(args.attention_map, files) if args.attention_map else {}
-    with opened as out, tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as bar:
-        writer = Writer(out, args.format, scored=matcher is not None)
-        for start in range(0, len(files), args.batch_size):
-            batch = []
-            for path in files[start : start + args.batch_size]:
-                try:
-                    batch.append((path, load_image(path)))
-                except ImageError as e:
-                    tqdm.write(f"error: {e}", file=sys.stderr)
-                    failed += 1
-                    bar.update(1)
-            if not batch:
-                continue
-            maps = [] if args.attention_map else None
-            with Trace(captioner.model, captioner.tokenizer) if args.trace else nullcontext() as trace:
-                images = [im for _, im in batch]  # encoded once when the samples of --rerank read them too
-                source = captioner.encode(images) if matcher is not None else images
-                captions = captioner.caption(source, args.prompt, args.decode, generator, attention=maps)
-            if trace is not None:
-                names = ", ".join(str(path) for path, _ in batch)
-                tqdm.write("\n".join([f"trace of {names}", *trace.lines]), file=sys.stderr)
-            for i, ((path, im), caption) in enumerate(zip(batch, captions, strict=True)):
-                if matcher is not None:
-                    caption, score = rerank(captioner, matcher, im, source[i : i + 1], caption, args, generator)
-                    writer.write(path, caption, score)
-                else:
-                    writer.write(path, caption)
-                if maps is not None:
-                    draw(im, *maps[i]).save(map_out[path])
-            bar.update(len(batch))
+    map_out = map_paths(args.attention_map, [path for path, _ in mine]) if args.attention_map else {}
+    workers = args.workers if args.workers is not None else default_workers(len(mine), args.batch_size, captioner)
+    loader = torch.utils.data.DataLoader(Pictures([path for path, _ in mine], captioner.image_size),
+                                         batch_size=args.batch_size, num_workers=workers, collate_fn=list)
+    failed = len(problems) if master else 0
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill stops like Ctrl-C
+    try:
+        with opened as out, tqdm(total=len(mine), unit="picture", disable=len(mine) < 2 or not master,
+                                 file=sys.stderr, dynamic_ncols=True) as bar:
+            stream = Stream(out, args.format, scored=matcher is not None,
+                            header=not (out is not sys.stdout and out.tell() > 0))
+            for batch in loader:
+                good = [(i, pixels) for i, pixels in batch if torch.is_tensor(pixels)]
+                for i, error in batch:
+                    if not torch.is_tensor(error):
+                        tqdm.write(f"error: {error}", file=sys.stderr)
+                        stream.fail(mine[i][0], error)
+                        failed += 1
+                if good:
+                    failed += caption_batch(captioner, matcher, [mine[i] for i, _ in good],
+                                            torch.stack([p for _, p in good]), args, generator, stream, sidecars,
+                                            map_out)
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        print("interrupted: every caption made so far is written; run again to do the rest"
+              + (" (with --resume)" if args.output and not sidecars else ""), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every part is written
+        if master and args.output and sidecars is None:
+            merge_parts(Path(args.output), args.format, world, found, earlier, matcher is not None)
     if failed:
-        print(f"{failed} of {len(files) + len(problems)} inputs could not be captioned (named above)", file=sys.stderr)
+        print(f"{failed} of {len(todo) + len(problems)} inputs could not be captioned (named above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, sidecars, map_out) -> int:
+    """Caption one batch of pictures ((path, root) and their pixels) and write the captions; returns
+    how many failed (an empty caption is a failure: no empty caption file is ever written)."""
+    maps = [] if args.attention_map else None
+    with Trace(captioner.model, captioner.tokenizer) if args.trace else nullcontext() as trace:
+        tokens = captioner.encode(pixels)  # once, for the beam search and --rerank's samples
+        captions = captioner.caption(tokens, args.prompt, args.decode, generator, attention=maps)
+    if trace is not None:
+        names = ", ".join(str(path) for path, _ in batch)
+        tqdm.write("\n".join([f"trace of {names}", *trace.lines]), file=sys.stderr)
+    failed = 0
+    for i, ((path, root), caption) in enumerate(zip(batch, captions, strict=True)):
+        score = None
+        if matcher is not None:
+            caption, score = rerank(captioner, matcher, path, tokens[i : i + 1], caption, args, generator)
+        text = f"{args.prefix}{caption}{args.suffix}"
+        if not text.strip():
+            tqdm.write(f"error: {path}: the model wrote an empty caption", file=sys.stderr)
+            stream.fail(path, "empty caption")
+            failed += 1
+        elif sidecars is not None:
+            sidecars.write(path, root, text)
+        else:
+            stream.write(path, text, score)
+        if maps is not None:
+            draw(load_image(path), *maps[i]).save(map_out[path])
+    return failed
+
+
+def default_workers(n: int, batch_size: int, captioner) -> int:
+    """Processes that read and resize pictures while the model works: none for a single batch (starting
+    one costs more than it saves), else one on the CPU (the model's threads want the cores), several
+    for a GPU, which a single process could not keep fed."""
+    if n <= batch_size:
+        return 0
+    return 1 if captioner.device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def part_name(output, rank: int) -> str:
+    return f"{output}.part-{rank}"
+
+
+def merge_parts(output: Path, fmt: str, world: int, found, earlier: list[dict], scored: bool):
+    """torchrun: the processes' part files (and what FILE held before) -> FILE, the pictures in input
+    order as one process would have written them; the parts are removed."""
+    parts = sorted(output.parent.glob(f"{output.name}.part-*"))
+    order = {str(path): i for i, (path, _) in enumerate(found)}
+    new = [r for p in parts for r in read_records(p, fmt)]
+    new.sort(key=lambda r: order.get(r["image"], len(order)))
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        stream = Stream(f, fmt, scored=scored)
+        for r in earlier + new:
+            if "error" in r:
+                stream.fail(r["image"], r["error"])
+            else:
+                stream.write(r["image"], r["caption"], float(r["score"]) if r.get("score") not in (None, "") else None)
+    os.replace(tmp, output)
+    for p in parts:
+        p.unlink()
 
 
 if __name__ == "__main__":

@@ -72,9 +72,11 @@ class OnDevice:
         return self.model.config.vision.image_size
 
     def pixels(self, images) -> torch.Tensor:
-        """PIL images or image paths -> (B, 3, size, size) model input on this device, in this dtype."""
-        images = [im if hasattr(im, "mode") else load_image(im) for im in images]
-        return preprocess(images, self.image_size).to(self.device, self.dtype)
+        """PIL images or image paths (or their (B, 3, size, size) pixels, as `preprocess` makes them) ->
+        model input on this device, in this dtype."""
+        if not torch.is_tensor(images):
+            images = preprocess([im if hasattr(im, "mode") else load_image(im) for im in images], self.image_size)
+        return images.to(self.device, self.dtype)
 
 
 class Captioner(OnDevice):
