@@ -71,7 +71,7 @@ from blip.data import (
     read_splits,
 )
 from blip.decoding import DecodeConfig, generate_from
-from blip.lora import TARGETS as LORA_TARGETS
+from blip.lora import ATTENTION as LORA_TARGETS
 from blip.lora import LoraConfig, adapters, add_lora, merge_lora, parse_targets
 from blip.memory import keep_freed_memory
 from blip.metrics import caption_scores
@@ -202,6 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--cache-image-tokens cannot cache random crops (--augment blip): add --augment flip or none")
     if (args.lora_alpha is not None or args.lora_targets) and not args.lora:
         p.error("--lora-alpha and --lora-targets need --lora RANK")
+    if args.lora and args.grad_checkpointing == "elementwise":
+        p.error("--lora updates layer outputs in place, which --grad-checkpointing elementwise keeps: use none "
+                "(the default with --lora) or full")
     if args.lora:
         args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora
         try:

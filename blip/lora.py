@@ -23,6 +23,9 @@ from .linear import Linear, linear
 
 # the last part of every adaptable layer's name (blip/vit.py, blip/text.py)
 TARGETS = ("qkv", "proj", "fc1", "fc2", "query", "key", "value", "out", "dense")
+# train.py's default: the attention projections of both towers. Adapting the MLPs too keeps their inputs
+# for backward: base size, batch 4, fp32: peak RSS 3.62 GB against 3.31 (the full fine-tune: 5.65)
+ATTENTION = ("qkv", "proj", "query", "key", "value", "out")
 # "vision.fc1" adapts the ViT's fc1 only, "text.fc1" the text model's
 SCOPES = {"vision": ("visual_encoder.",), "text": ("text_decoder.", "text_encoder.")}
 
@@ -90,7 +93,11 @@ class LoRALinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, self.packed)  # (..., out); may take the packed CPU path
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (..., r) -> (..., out)
+        h = F.linear(x, self.lora_A)  # (..., r)
+        # y += scale * h B^T, in place: no second output-sized tensor per layer (the base layer's backward
+        # needs neither), which at base size is a third of the peak memory of a LoRA step
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t().to(h.dtype), alpha=self.scale)
+        return y
 
     def merged(self) -> Linear:
         """Fold the adapter into the weight (W += scale * B A); a plain Linear holding the same parameters."""

@@ -192,3 +192,23 @@ def test_targets_parse_and_scope(tokenizer):
     assert names == [f"visual_encoder.blocks.{i}.mlp.fc1" for i in range(4)] + queries
     with pytest.raises(ValueError, match="no linear layer"):
         add_lora(tiny_model(tokenizer), LoraConfig(targets=("vision.query",)))
+
+
+def test_adapter_gradients_equal_with_and_without_recompute(tokenizer):
+    """LoRA adds its update to its layer's output in place; rerunning whole blocks in backward
+    (blip/recompute.py "full") must not change a gradient, in fp32 or under bf16 autocast. ("elementwise"
+    keeps results that the in-place update would change: train.py refuses it with --lora.)"""
+    model = tiny_model(tokenizer).train()
+    add_lora(model, EVERY)
+    randomize_adapters(model)
+    pixels, ids, mask = batch(tokenizer)
+    labels = caption_labels(ids, mask, 0, tokenizer.dec_id)
+    for amp in (False, True):
+        grads = {}
+        for mode in ("none", "full"):
+            model.set_recompute(mode)
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                caption_loss(model(pixels, ids, mask), labels).backward()
+            grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(torch.equal(grads["full"][n], grads["none"][n]) for n in grads["none"]), amp
