@@ -1,7 +1,8 @@
 """Whole processes, as a user runs them: `python caption.py ...` against the shortest HF script that does
 the same (import transformers, `from_pretrained`, `BlipProcessor`, `generate`), same weights.
 
-    python benchmarks/bench_cli.py [--repeats 3] [--threads 2] [--dtype fp32] [--packed-linear]
+    python benchmarks/bench_cli.py [--repeats 3] [--threads 2] [--dtype fp32] [--packed-linear] [--parts abc]
+                                   [--photos 64]
 
 Builds a base-size model with random weights: an HF snapshot (model and a BlipProcessor whose WordPiece
 vocabulary has BERT's 30522 entries) and our folder converted from it by convert_weights.py, and 8 photos
@@ -10,13 +11,26 @@ vocabulary has BERT's 30522 entries) and our folder converted from it by convert
   (a) one photo, default settings: beam 3, 5 to 20 new tokens, prompt "a picture of "
   (b) 8 photos (a folder), beam 3, exactly 20 new tokens, one batch of 8
 
+  (c) a folder of --photos (64) scikit-image photographs, 256 to 1024 px, JPEG / PNG / WebP, as a user
+      captions a data set: ours `caption.py FOLDER --format jsonl --output F` with the checkpoint's defaults
+      (fp32), HF benchmarks/hf_caption_folder.py (BlipProcessor + generate, batches of 8, same decoding)
+
 For each child: wall time from start to exit, time to its first caption line, and peak RSS (the
 child's own, from a small launcher process: see LAUNCH). Medians are printed with the ratios HF / ours
 (time) and ours / HF (memory).
+
+(c) is also set against a FLOOR: the time this machine's matrix products alone need for the same work,
+FLOPs counted per image (see image_flops, decoding_flops) over torch.matmul's rate at the work's shapes
+(see rates), with --threads threads: large rows for the image side, few rows for the decoding steps.
+Two targets are printed with PASS/FAIL: ours within 1.2x of floor + `python -c "import torch"`, and ours at
+>= 2.5x HF's pictures/s with a peak RSS no larger than HF's.
+
+    python benchmarks/bench_cli.py --parts c --photos 8 --repeats 1    # a quick functional check of (c)
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -83,6 +97,115 @@ def build(tmp: Path):
     return tmp / "hf", tmp / "ours", sorted(photos.iterdir())
 
 
+# (c)'s folder: scikit-image's photographs (colour and grey), resized so the long side is one of SIZES, saved
+# in one of FORMATS; photo, size and format cycle with different periods, so the 64 files mix them all
+PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "brick.png"]
+SIZES = [256, 384, 512, 640, 800, 1024]
+FORMATS = [("jpg", {"quality": 95}), ("png", {}), ("jpg", {"quality": 75}), ("webp", {"quality": 80}),
+           ("jpg", {"quality": 50})]
+
+
+def make_folder(folder: Path, n: int) -> list[str]:
+    """`n` photos in `folder` (same files every run); returns their names."""
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    folder.mkdir()
+    sources = {}
+    for i in range(n):
+        name = PHOTOS[i % len(PHOTOS)]
+        if name not in sources:
+            with Image.open(data / name) as image:
+                sources[name] = image.convert("RGB" if image.mode not in ("RGB", "L") else image.mode)
+        source, long_side, (suffix, options) = sources[name], SIZES[i % len(SIZES)], FORMATS[i % len(FORMATS)]
+        scale = long_side / max(source.size)
+        size = (round(source.width * scale), round(source.height * scale))
+        source.resize(size, Image.Resampling.LANCZOS).save(folder / f"{i:03d}_{Path(name).stem}_{long_side}.{suffix}",
+                                                           **options)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def read_jsonl(path: Path, names: list[str]) -> list[dict]:
+    """The records of one side's output; exits unless there is one per photo of the folder."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if sorted(Path(r["image"]).name for r in records) != names:
+        raise SystemExit(f"{path.name}: {len(records)} records, expected one for each of the {len(names)} photos")
+    return records
+
+
+# base captioner at 384 px (BLIP_NOTES.md): ViT-B/16 over N = 1 + 24² tokens of width C, a 12-layer text
+# decoder of width D; both MLPs 4x wide. FLOPs are 2 per multiply-add.
+N, C, VIT_LAYERS, PATCH_IN = 577, 768, 12, 3 * 16 * 16
+D, TEXT_LAYERS, VOCAB, HEAD_DIM = 768, 12, 30524, 64
+MLP = 4 * C
+
+
+def image_flops() -> tuple[int, int]:
+    """(linear, attention) FLOPs per image, computed once per image: the patch embedding, the ViT (qkv, proj,
+    MLP; attention's q.k and p.v) and the decoder's cross-attention keys and values of the image tokens."""
+    linear = (N - 1) * PATCH_IN * C + VIT_LAYERS * N * (3 * C * C + C * C + 2 * C * MLP) + TEXT_LAYERS * 2 * N * C * D
+    attention = VIT_LAYERS * 2 * N * N * C
+    return 2 * linear, 2 * attention
+
+
+def decoding_flops(prompt: int, new_tokens: int, beams: int) -> tuple[int, int]:
+    """(linear, attention) FLOPs to decode one caption of `new_tokens` new tokens after `prompt` tokens ([DEC]
+    and the prompt): the prompt's positions once, then each beam's token for new tokens 2..new_tokens (the
+    first comes from the prompt's last position). Per position and layer: self-attention q, k, v, out (4 D²),
+    cross-attention q, out (2 D²; its keys/values are the image's, in image_flops), MLP (2 D x MLP), attention
+    over the N image tokens and the positions so far (scores and weighted sum); the LM head (dense D², decoder
+    D x VOCAB) where logits are needed: the prompt's last position and each beam's steps."""
+    body = TEXT_LAYERS * (6 * D * D + 2 * D * MLP)
+    head = D * D + D * VOCAB
+
+    def seen(position):  # attention at this position: scores and weighted sum over the image and the text so far
+        return TEXT_LAYERS * 2 * (N + position + 1) * D
+
+    linear = prompt * body + head + beams * (new_tokens - 1) * (body + head)
+    attention = sum(seen(i) for i in range(prompt)) + beams * sum(seen(prompt + t) for t in range(new_tokens - 1))
+    return 2 * linear, 2 * attention
+
+
+def rates(batch: int, beams: int, threads: int) -> dict[str, float]:
+    """torch.matmul FLOP/s (fp32, `threads` threads) at the shapes of the work, each kind of product weighted
+    by how often it occurs: "large" rows (a batch's image tokens through the ViT's and the cross-attention's
+    linears), "few" rows (a batch's beams through the decoder's linears and LM head), and, for reference, the
+    attention products at their own shapes (per head): "vit attention" and "decoding attention". Each product
+    is timed as the best of 5 rounds of >= 50 ms."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rows, heads, few = batch * N, batch * C // HEAD_DIM, batch * beams
+    kinds = {  # kind: [(count, (batch, m, k, n)), ...]
+        "large": [(VIT_LAYERS, (1, rows, C, 3 * C)), (VIT_LAYERS, (1, rows, C, C)), (VIT_LAYERS, (1, rows, C, MLP)),
+                  (VIT_LAYERS, (1, rows, MLP, C)), (2 * TEXT_LAYERS, (1, rows, C, D)), (1, (1, rows, PATCH_IN, C))],
+        "few": [(6 * TEXT_LAYERS + 1, (1, few, D, D)), (TEXT_LAYERS, (1, few, D, MLP)),
+                (TEXT_LAYERS, (1, few, MLP, D)), (1, (1, few, D, VOCAB))],
+        "vit attention": [(1, (heads, N, HEAD_DIM, N)), (1, (heads, N, N, HEAD_DIM))],
+        "decoding attention": [(1, (heads, beams, HEAD_DIM, N)), (1, (heads, beams, N, HEAD_DIM))],
+    }
+    out = {}
+    for kind, products in kinds.items():
+        flops = seconds = 0.0
+        for count, (b, m, k, n) in products:
+            a, w = torch.randn(b, m, k).squeeze(0), torch.randn(b, k, n).squeeze(0)
+            result = torch.matmul(a, w)
+            start = time.perf_counter()
+            torch.matmul(a, w, out=result)
+            calls = max(1, math.ceil(0.05 / (time.perf_counter() - start)))  # rounds of >= 50 ms
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    torch.matmul(a, w, out=result)
+                times.append((time.perf_counter() - start) / calls)
+            flops += count * 2 * b * m * k * n
+            seconds += count * min(times)  # a floor: whatever else the machine does only adds time
+        out[kind] = flops / seconds
+    return out
+
+
 # our side with the packed oneDNN path on (blip/linear.py), as it runs by default on non-Intel CPUs
 PACKED = """
 import runpy, sys
@@ -126,15 +249,87 @@ def run(cmd: list[str], env: dict) -> dict:
             "rss": child["rss"] * 1024 / 2**30, "lines": lines}
 
 
+def run_folder(args, ours_cmd: list[str], hf: Path, ours: Path, tmp: Path, env: dict) -> dict:
+    """(c): --repeats runs each of ours, HF and `python -c "import torch"`, alternated, both sides' records checked;
+    then what the floor needs: the new tokens ours wrote per caption, and the matmul rates."""
+    from transformers import AutoTokenizer
+
+    # the floor and HF's script assume BLIP's decoding: make sure it is what ours runs by default
+    config = json.loads((ours / "config.json").read_text())
+    expected = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 5}
+    defaults = config.get("prompt"), config.get("generation")
+    if defaults != ("a picture of ", expected):
+        raise SystemExit(f"{ours}: decoding defaults {defaults}; (c) needs 'a picture of ', {expected}")
+    folder = tmp / "folder"
+    names = make_folder(folder, args.photos)
+    runs = {"ours": [], "HF": [], "import torch": []}
+    for i in range(args.repeats):
+        out_ours, out_hf = tmp / f"ours{i}.jsonl", tmp / f"hf{i}.jsonl"
+        runs["ours"].append(run([*ours_cmd, str(folder), "--checkpoint", str(ours), "--format", "jsonl",
+                                 "--output", str(out_ours)], env))
+        runs["HF"].append(run([sys.executable, str(ROOT / "benchmarks" / "hf_caption_folder.py"), str(hf),
+                               str(folder), str(out_hf)], env))
+        runs["import torch"].append(run([sys.executable, "-c", "import torch"], env))
+        captions = [r["caption"] for r in read_jsonl(out_ours, names)]
+        read_jsonl(out_hf, names)
+    # new tokens per caption, from ours' text: its tokens plus the end token, at most BLIP's 20
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    prompt = len(tokenizer("a picture of ").input_ids) - 1  # [DEC] (in [CLS]'s place) and the prompt, no [SEP]
+    new_tokens = [min(len(tokenizer(c, add_special_tokens=False).input_ids) + 1, 20) for c in captions]
+    return {"runs": runs, "photos": len(names), "prompt": prompt, "new_tokens": new_tokens,
+            "rates": rates(min(8, len(names)), 3, args.threads), "batch": min(8, len(names))}
+
+
+def report_folder(c: dict):
+    """(c)'s table, the floor and the two targets."""
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in ("wall", "rss")} for side, rs in c["runs"].items()}
+    o, h, import_torch, n, r = med["ours"], med["HF"], med["import torch"]["wall"], c["photos"], c["rates"]
+    name = f"(c) {n} photos, a folder, defaults"
+    print(f"{name:32s} {'wall ours':>9s} {'HF':>7s} {'HF/ours':>8s} | {'pictures/s ours':>15s} {'HF':>6s} | "
+          f"{'peak RSS ours':>13s} {'HF':>6s} {'ours/HF':>8s}")
+    print(f"{'':32s} {o['wall']:8.2f}s {h['wall']:6.2f}s {h['wall'] / o['wall']:7.2f}x | "
+          f"{n / o['wall']:15.2f} {n / h['wall']:6.2f} | "
+          f"{o['rss']:12.2f}G {h['rss']:5.2f}G {o['rss'] / h['rss']:7.2f}x")
+    walls = {side: ", ".join(f"{x['wall']:.2f}" for x in rs) for side, rs in c["runs"].items()}
+    print(f"{'':32s} runs: ours {walls['ours']}; HF {walls['HF']}; import torch {walls['import torch']}")
+
+    image_linear, image_attention = (n * f for f in image_flops())
+    decoding = [decoding_flops(c["prompt"], t, 3) for t in c["new_tokens"]]
+    decoding_linear, decoding_attention = (sum(f[i] for f in decoding) for i in (0, 1))
+    image, decoding = image_linear + image_attention, decoding_linear + decoding_attention
+    floor = image / r["large"] + decoding / r["few"]
+    floor_own_shapes = (image_linear / r["large"] + image_attention / r["vit attention"]
+                        + decoding_linear / r["few"] + decoding_attention / r["decoding attention"])
+    g = 1e9
+    print(f"floor {floor:.2f}s = image side {image / n / g:.1f} GFLOP/photo at {r['large'] / g:.1f} GFLOP/s "
+          f"({c['batch'] * N}-row products) + decoding {decoding / n / g:.2f} GFLOP/photo "
+          f"({statistics.mean(c['new_tokens']):.1f} new tokens a caption on average, beam 3) at "
+          f"{r['few'] / g:.1f} GFLOP/s ({c['batch'] * 3}-row products); x {n} photos")
+    print(f"  (attention products timed at their own shapes, per head: vit {r['vit attention'] / g:.1f} GFLOP/s, "
+          f"decoding {r['decoding attention'] / g:.1f} GFLOP/s: floor {floor_own_shapes:.2f}s)")
+    print(f"import torch {import_torch:.2f}s; ours = {o['wall'] / floor:.2f}x floor, "
+          f"{o['wall'] / (floor + import_torch):.2f}x (floor + import torch); HF = {h['wall'] / floor:.2f}x floor")
+    near = o["wall"] / (floor + import_torch)
+    speed, memory = h["wall"] / o["wall"], o["rss"] / h["rss"]
+    print(f"target: ours within 1.2x of (floor + import torch): {near:.2f}x {'PASS' if near <= 1.2 else 'FAIL'}")
+    print(f"target: ours >= 2.5x HF's pictures/s at peak RSS <= HF's: {speed:.2f}x at {memory:.2f}x "
+          f"{'PASS' if speed >= 2.5 and memory <= 1 else 'FAIL'}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="runs of each side per case (median reported)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of both children (default: 2)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations of both sides")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights and activations of both sides in (a) and (b); (c) runs the defaults, fp32")
     p.add_argument("--packed-linear", action="store_true",
                    help="run ours with the packed oneDNN linear path, as on AMD CPUs, also where it is not the "
                         "default (Intel CPUs)")
+    p.add_argument("--parts", default="abc", help="the cases to run, e.g. c for the folder alone (default: abc)")
+    p.add_argument("--photos", type=int, default=64, help="photos in (c)'s folder (default: 64)")
     args = p.parse_args()
+    if not args.parts or set(args.parts) - set("abc"):
+        p.error("--parts takes letters of abc")
     ours_cmd = [sys.executable, "-c", PACKED, "caption.py"] if args.packed_linear else [sys.executable, "caption.py"]
     tmp = Path(tempfile.mkdtemp(prefix="bench_cli_"))
     try:
@@ -152,11 +347,14 @@ def main():
         }
         results = {}
         for name, (cmd_ours, cmd_hf) in cases.items():
+            if name[1] not in args.parts:
+                continue
             runs = {"ours": [], "HF": []}
             for _ in range(args.repeats):
                 runs["ours"].append(run(cmd_ours, env))
                 runs["HF"].append(run(cmd_hf, env))
             results[name] = runs
+        folder = run_folder(args, ours_cmd, hf, ours, tmp, env) if "c" in args.parts else None
     finally:
         shutil.rmtree(tmp)
 
@@ -166,8 +364,9 @@ def main():
     print(f"base, cpu {args.dtype}, {linear}, OMP_NUM_THREADS={args.threads}, torch {torch.__version__}, "
           f"whole processes, "
           f"median of {args.repeats}, ours and HF alternated")
-    print(f"{'':32s} {'wall ours':>9s} {'HF':>7s} {'HF/ours':>8s} | {'1st line ours':>13s} {'HF':>6s} | "
-          f"{'peak RSS ours':>13s} {'HF':>6s} {'ours/HF':>8s}")
+    if results:
+        print(f"{'':32s} {'wall ours':>9s} {'HF':>7s} {'HF/ours':>8s} | {'1st line ours':>13s} {'HF':>6s} | "
+              f"{'peak RSS ours':>13s} {'HF':>6s} {'ours/HF':>8s}")
     for name, runs in results.items():
         med = {side: {k: statistics.median(r[k] for r in rs) for k in ("wall", "first", "rss")}
                for side, rs in runs.items()}
@@ -177,6 +376,8 @@ def main():
               f"{o['rss']:12.2f}G {h['rss']:5.2f}G {o['rss'] / h['rss']:7.2f}x")
         walls = {side: ", ".join(f"{r['wall']:.2f}" for r in rs) for side, rs in runs.items()}
         print(f"{'':32s} runs: ours {walls['ours']}; HF {walls['HF']}")
+    if folder:
+        report_folder(folder)
 
 
 if __name__ == "__main__":

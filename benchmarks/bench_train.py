@@ -1,17 +1,34 @@
-"""Training-step speed and peak memory, ours vs HF `BlipForConditionalGeneration`, same weights, same optimizer.
+"""Fine-tuning step speed and peak memory, ours vs HF `BlipForConditionalGeneration`, same weights, same optimizer.
 
     python benchmarks/bench_train.py [--size base] [--batch 4] [--threads 2] [--repeats 5] [--amp fp32 bf16]
-                                     [--device cpu]
+                                     [--device cpu] [--modes full freeze-vision cached lora]
+                                     [--lora-rank 16] [--lora-targets qkv,proj,...]
 
-One step = forward, BLIP's captioning loss, backward, AdamW step (lr 1e-5, weight decay 0.05, fused, as
-train.py makes it; the same optimizer on both sides), full fine-tune. Ours runs the step the way train.py does
-(loss summed over caption tokens, divided by their count; what backward recomputes as train.py's default for
-the device, blip/recompute.py); HF runs it the obvious way
-(`model(..., labels=labels).loss`). Speed: median of --repeats steps after a warm-up step, the two
-sides alternated in one process, whose malloc keeps freed memory for the next step as train.py's does
-(blip/memory.py; --default-malloc leaves glibc's settings). Peak memory: each side alone in a child
-process, the peak RSS of two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
-allocation on a GPU; weights, gradients, AdamW moments and activations are all in it.
+One step = forward, BLIP's captioning loss, backward, AdamW step over the trainable parameters (lr 1e-5,
+weight decay 0.05, fused, as train.py makes it; the same optimizer on both sides). The fine-tuning modes,
+each as train.py runs it:
+
+  full           every weight trains (train.py's default).
+  freeze-vision  the ViT's weights are frozen, the text decoder trains; the ViT still runs forward every
+                 step (train.py --freeze-vision).
+  cached         the decoder trains on image tokens the frozen ViT made once (train.py --freeze-vision
+                 --cache-image-tokens): a step reads the batch's tokens from a memory-mapped file (the
+                 copy included, blip/token_cache.py) and runs the decoder alone. Making the tokens, once
+                 per picture, is not in it.
+  lora           low-rank adapters of rank --lora-rank (alpha = 2 x rank) on the --lora-targets layers
+                 train, nothing else (train.py --lora, blip/lora.py).
+
+HF runs full (`model(..., labels=labels).loss`) and lora through peft (`get_peft_model`, the same layers
+under HF's names, the same rank, alpha and trainable-parameter count: checked). Ours runs the step the way
+train.py does (loss summed over caption tokens, divided by their count; what backward recomputes as
+train.py's default for the device, blip/recompute.py).
+
+Speed: median of --repeats steps after a warm-up step, every mode of both sides alternated in one process
+(machines drift), whose malloc keeps freed memory for the next step as train.py's does (blip/memory.py;
+--default-malloc leaves glibc's settings). Peak memory: each side and mode alone in a child process, the
+peak RSS of two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
+allocation on a GPU; weights, gradients, AdamW moments and activations are all in it. Each precision's
+table ends with the targets the fine-tuning modes must meet, PASS or FAIL in this run.
 """
 
 import argparse
@@ -24,14 +41,18 @@ import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
-from common import add_common_args, apply_common_args, compare, same_weights
+from common import add_common_args, alternate, apply_common_args, same_weights
 
 from blip import BlipCaptioner
 from blip.captioner import cpu_has_bf16
+from blip.lora import ATTENTION, LoraConfig, add_lora, parse_targets
+from blip.lora import TARGETS as LORA_TARGETS
 from blip.memory import keep_freed_memory
 from blip.model import caption_labels, caption_loss
 from blip.recompute import MODES, pick_mode
+from blip.token_cache import ImageTokens
 
 HERE = Path(__file__).resolve()
 
@@ -60,40 +81,96 @@ def train_flops(config, batch: int, tokens: int) -> float:
     return 3 * batch * (vit + decoder)
 
 
-def steppers(hf, ours, batch, amp: str, device, recompute: str = "auto"):
-    """(our step, HF's step): each one full training step on the same batch."""
+FINETUNE = ("full", "freeze-vision", "cached", "lora")  # ours runs them all
+HF_MODES = ("full", "lora")  # HF's: the obvious full step, and peft's LoRA
+SIDE = {"ours": "ours", "hf": "HF"}  # as the table names them
+
+# our LoRA targets -> the same layers in HF's BLIP, as regular expressions over HF's module names
+HF_LAYERS = {
+    "vision": ("vision_model", {"qkv": r"\.qkv", "proj": r"\.projection", "fc1": r"\.fc1", "fc2": r"\.fc2"}),
+    "text": ("text_decoder", {"query": r"\.query", "key": r"\.key", "value": r"\.value",
+                              "out": r"attention\.output\.dense",  # self- and cross-attention's
+                              "fc1": r"\.intermediate\.dense", "fc2": r"\.layer\.\d+\.output\.dense",
+                              "dense": r"\.predictions\.transform\.dense"}),  # the LM head's
+}
+
+
+def hf_lora_targets(targets: tuple[str, ...]):
+    """peft's `target_modules` for the layers our `targets` name: with all of ours, the plain names a peft
+    user writes ("dense" is HF's name for four of ours); else one regular expression of exactly those layers."""
+    if set(targets) == set(LORA_TARGETS):
+        return ["qkv", "projection", "fc1", "fc2", "query", "key", "value", "dense"]
+    patterns = []
+    for target in targets:
+        scope, _, name = target.rpartition(".")
+        for side, (prefix, layers) in HF_LAYERS.items():
+            if scope in ("", side) and name in layers:
+                patterns.append(rf"{prefix}\..*{layers[name]}")
+    return "|".join(f"(?:{p})" for p in patterns)  # peft full-matches a string against each module's name
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build(side: str, mode: str, folder: Path, args, device):
+    """One side's model, loaded from the weights the parent saved in `folder` and set up for `mode` as
+    train.py does (our side never imports transformers, as train.py does not)."""
+    targets = parse_targets(args.lora_targets)
+    if side == "hf":
+        from transformers import BlipForConditionalGeneration
+
+        model = BlipForConditionalGeneration.from_pretrained(folder / "hf")
+        model.text_decoder.label_smoothing = 0.1  # HF shifts labels itself; smoothing as BLIP
+        if mode == "lora":
+            import peft
+
+            config = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                     target_modules=hf_lora_targets(targets))
+            model = peft.get_peft_model(model, config)  # freezes all but the adapters
+    else:
+        model = BlipCaptioner.from_pretrained(folder / "ours")
+        if mode in ("freeze-vision", "cached"):
+            model.visual_encoder.requires_grad_(False)
+        elif mode == "lora":
+            add_lora(model, LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, targets=targets))
+        # what backward keeps: train.py's default for this device unless --recompute says
+        model.set_recompute(pick_mode(args.recompute, model, device))
+    return model.to(device).train()
+
+
+def stepper(side: str, mode: str, model, batch, amp: str, device, tokens: ImageTokens | None = None):
+    """One training step of `model` on `batch`, as `side` runs it in `mode`. tokens: the cache (cached mode)."""
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
     pixels, ids, mask = batch
     labels = caption_labels(ids, mask, 3, 30522)  # "a picture of" is not a target
     n_tokens = (labels[:, 1:] != -100).sum()
-    if hf is not None:  # HF shifts labels itself; smoothing as BLIP
-        hf.text_decoder.label_smoothing = 0.1
+    rows = torch.arange(len(ids))  # the batch's views in the cache
+    # train.py's AdamW, fused, over what trains
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.05,
+                            fused=True)
 
-    def optimizer(model):  # train.py's AdamW, fused, on both sides
-        return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=True)
-
-    if ours is not None:  # what backward keeps: train.py's default for this device unless --recompute says
-        ours.set_recompute(pick_mode(recompute, ours, device))
-    opt_ours = optimizer(ours) if ours is not None else None
-    opt_hf = optimizer(hf) if hf is not None else None
-
-    def ours_step():
+    def step():
+        if mode == "cached":  # as train.py: the rows copied out of the memory-mapped file, then to the device
+            image_embeds = tokens[rows].to(device)
         with autocast():
-            loss = caption_loss(ours(pixels, ids, mask), labels, 0.1, "sum") / n_tokens
+            if side == "hf":
+                loss = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).loss
+            elif mode == "cached":
+                loss = caption_loss(model(None, ids, mask, image_embeds=image_embeds), labels, 0.1, "sum") / n_tokens
+            else:
+                loss = caption_loss(model(pixels, ids, mask), labels, 0.1, "sum") / n_tokens
         loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    def hf_step():
-        with autocast():
-            loss = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-        return loss.item()
+    return step
 
-    return ours_step, hf_step
+
+def open_tokens(folder: Path) -> ImageTokens:
+    """The image tokens the parent saved in `folder`, memory-mapped as train.py's cache."""
+    return ImageTokens(np.load(folder / "tokens.npy", mmap_mode="r"))
 
 
 def peak_rss_reset():
@@ -110,20 +187,14 @@ def peak_rss() -> int:
 
 
 def child(args):
-    """One side alone, loaded from the weights the parent saved (our side never imports transformers,
-    as train.py does not): two steps, then the peak memory of those steps (weights, gradients, AdamW
-    moments and activations) as JSON."""
+    """One side and mode alone, loaded from the weights the parent saved: two steps, then the peak memory
+    of those steps (weights, gradients, AdamW moments and activations) as JSON."""
     device = torch.device(args.device)
-    if args.child == "hf":
-        from transformers import BlipForConditionalGeneration
-
-        hf, ours = BlipForConditionalGeneration.from_pretrained(args.weights), None
-    else:
-        hf, ours = None, BlipCaptioner.from_pretrained(args.weights)
-    (hf if ours is None else ours).to(device).train()
+    folder = Path(args.weights)
+    model = build(args.child, args.child_mode, folder, args, device)
+    tokens = open_tokens(folder) if args.child_mode == "cached" else None
     batch = make_batch(args.batch, 384, 30524, device)
-    ours_step, hf_step = steppers(hf, ours, batch, args.amp_one, device, args.recompute)
-    step = hf_step if args.child == "hf" else ours_step
+    step = stepper(args.child, args.child_mode, model, batch, args.amp_one, device, tokens)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -134,14 +205,17 @@ def child(args):
     print(json.dumps({"peak_bytes": peak}))
 
 
-def peak_of(side: str, amp: str, weights: Path, args) -> float:
-    cmd = [sys.executable, str(HERE), "--child", side, "--amp-one", amp, "--weights", str(weights),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
-    if args.plain_linear:
-        cmd.append("--plain-linear")
-    cmd += ["--recompute", args.recompute] + (["--default-malloc"] if args.default_malloc else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**30
+def peak_of(side: str, mode: str, amp: str, folder: Path, args) -> float:
+    """Peak memory (GiB) of two `mode` steps of `side`, alone in a child process."""
+    cmd = [sys.executable, str(HERE), "--child", side, "--child-mode", mode, "--amp-one", amp,
+           "--weights", str(folder), "--batch", str(args.batch),
+           "--threads", str(args.threads), "--device", args.device, "--recompute", args.recompute,
+           "--lora-rank", str(args.lora_rank), "--lora-targets", args.lora_targets]
+    cmd += ["--plain-linear"] * args.plain_linear + ["--default-malloc"] * args.default_malloc
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"the {side} {mode} {amp} memory child failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**30
 
 
 def mfu(flops_per_s: float, device) -> str:
@@ -154,6 +228,56 @@ def mfu(flops_per_s: float, device) -> str:
     return f" (MFU {flops_per_s / peak:.1%} of {name}'s {peak / 1e12:.0f})" if peak else ""
 
 
+def label(run) -> str:
+    side, mode = run
+    return f"HF+peft {mode}" if run == ("hf", "lora") else f"{SIDE[side]} {mode}"
+
+
+def hf_match(run):
+    """The HF row an our row is measured against (full: HF's full, lora: peft's), or None."""
+    side, mode = run
+    return ("hf", mode) if side == "ours" and mode in HF_MODES else None
+
+
+def ratio(values: dict, run, other) -> float | None:
+    a, b = values.get(run), values.get(other)
+    return a / b if a and b else None
+
+
+def times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def report(amp: str, runs, steps: dict, peaks: dict, params: dict, args, device):
+    """One precision's table, a row per side and mode, and the targets the fine-tuning modes must meet."""
+    speed = {run: args.batch / t for run, (t, _) in steps.items()}  # images/s
+    full = ("ours", "full")
+    peak_name = "peak RSS" if device.type == "cpu" else "peak CUDA"
+    print(f"\n{amp}: {'':13s} {'step':>7s} {'images/s':>9s} {'vs full':>8s} {'vs HF':>6s} | {peak_name:>9s} "
+          f"{'vs full':>8s} {'vs HF':>6s} | {'trainable':>10s} {'last loss':>9s}")
+    for run in runs:
+        t, loss = steps[run]
+        peak = f"{peaks[run]:8.2f}G" if peaks[run] else f"{'-':>9s}"
+        print(f"{label(run):19s} {t:7.3f}s {speed[run]:9.2f} {times(ratio(speed, run, full)):>8s} "
+              f"{times(ratio(speed, run, hf_match(run))):>6s} | {peak} {times(ratio(peaks, run, full)):>8s} "
+              f"{times(ratio(peaks, run, hf_match(run))):>6s} | {params[run] / 1e6:9.2f}M {loss:9.4f}")
+
+    lora, peft = ("ours", "lora"), ("hf", "lora")
+    targets = [  # (the target, [(measured ratio, bound, ">=" or "<=")])
+        ("cached >= 5x the full fine-tune's images/s", [(ratio(speed, ("ours", "cached"), full), 5.0, ">=")]),
+        ("ours LoRA peak memory <= 0.6x ours full's", [(ratio(peaks, lora, full), 0.6, "<=")]),
+        ("ours LoRA >= 1.3x HF+peft's speed, <= 0.8x its peak",
+         [(ratio(speed, lora, peft), 1.3, ">="), (ratio(peaks, lora, peft), 0.8, "<=")]),
+    ]
+    print(f"targets ({amp}):")
+    for text, checks in targets:
+        if any(x is None for x, _, _ in checks):
+            verdict = "n/a (not measured)"
+        else:
+            verdict = "PASS" if all(x >= bound if op == ">=" else x <= bound for x, bound, op in checks) else "FAIL"
+        print(f"  {text + ':':54s} {', '.join(times(x) for x, _, _ in checks):13s} {verdict}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, repeats=5)
@@ -161,6 +285,13 @@ def main():
     p.add_argument("--amp", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="precisions to measure (default: fp32, and bf16 autocast where the CPU or GPU has bf16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--modes", nargs="+", choices=FINETUNE, default=list(FINETUNE),
+                   help="fine-tuning modes to measure (default: all; HF runs full and lora)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank, both sides (alpha = 2 x rank)")
+    p.add_argument("--lora-targets", default=",".join(ATTENTION),
+                   help="comma-separated layers to adapt, as train.py's --lora-targets (default: train.py's, the "
+                   "attention projections); "
+                        "HF's are the same layers under HF's names")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--recompute", choices=["auto", *MODES], default="auto",
                    help="what our backward recomputes (blip/recompute.py; default: train.py's, auto)")
@@ -168,9 +299,14 @@ def main():
                    help="leave glibc's malloc settings as they are (train.py keeps freed memory for the next "
                         "step, blip/memory.py; the setting is the process's, so both sides get it)")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--child-mode", choices=FINETUNE, default="full", help=argparse.SUPPRESS)
     p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
+    try:
+        targets = parse_targets(args.lora_targets)
+    except ValueError as e:
+        p.error(f"--lora-targets: {e}")
     backend = apply_common_args(args)
     if not args.default_malloc:  # as train.py does; process-wide, so HF's steps get it too
         keep_freed_memory()
@@ -179,32 +315,49 @@ def main():
     device = torch.device(args.device)
     has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
     amps = args.amp or (["fp32", "bf16"] if has_bf16 else ["fp32"])
+    runs = [("ours", m) for m in FINETUNE if m in args.modes] + [("hf", m) for m in HF_MODES if m in args.modes]
 
+    # the same weights for every run, saved: each run loads its own copy, as the modes change the model
     hf, ours = same_weights(args.size)
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    if not args.no_memory:  # the children load these: the same weights, each side alone
-        hf.save_pretrained(tmp / "hf")
-        ours.save_pretrained(tmp / "ours")
-    hf, ours = hf.to(device).train(), ours.to(device).train()
+    hf.save_pretrained(tmp / "hf")
+    ours.save_pretrained(tmp / "ours")
     batch = make_batch(args.batch, 384, 30524, device)
-    rows = []
+    if "cached" in args.modes:  # the batch's image tokens, made once by the frozen ViT, in a file as train.py's
+        with torch.no_grad():
+            np.save(tmp / "tokens.npy", ours.to(device).encode_image(batch[0]).float().cpu().numpy())
+    config = ours.config
+    del hf, ours
+
+    # memory first, each run alone in a child process, while this one holds no model
+    peaks = {amp: {run: None if args.no_memory else peak_of(*run, amp, tmp, args) for run in runs} for amp in amps}
+
+    models = {run: build(*run, tmp, args, device) for run in runs}
+    params = {run: trainable(model) for run, model in models.items()}
+    if ("ours", "lora") in models and ("hf", "lora") in models:
+        ours_n, hf_n = params["ours", "lora"], params["hf", "lora"]
+        print(f"LoRA rank {args.lora_rank} on {','.join(targets)}: trainable parameters ours {ours_n:,}, "
+              f"HF+peft {hf_n:,}")
+        assert ours_n == hf_n, "HF's LoRA layers are not ours: hf_lora_targets maps them wrong"
+    tokens = open_tokens(tmp) if "cached" in args.modes else None
+    results = {}
     for amp in amps:
-        ours_step, hf_step = steppers(hf, ours, batch, amp, device, args.recompute)
-        t_ours, t_hf, l_ours, l_hf = compare(ours_step, hf_step, args.repeats, device)
-        mem = (None, None) if args.no_memory else (peak_of("ours", amp, tmp / "ours", args),
-                                                   peak_of("hf", amp, tmp / "hf", args))
-        rows.append((amp, t_ours, t_hf, mem, l_ours, l_hf))
+        steps = [stepper(*run, models[run], batch, amp, device, tokens) for run in runs]
+        medians, losses = alternate(steps, args.repeats, device)
+        results[amp] = dict(zip(runs, zip(medians, losses, strict=True), strict=True))
     shutil.rmtree(tmp)
 
-    flops = train_flops(ours.config, args.batch, batch[1].shape[1])
     print(f"{args.size} train step, batch {args.batch}, {args.device}, {args.threads} threads, {backend}, "
-          f"torch {torch.__version__}, median of {args.repeats} steps, ours and HF alternated")
-    print(f"{'':6s} {'ours':>8s} {'HF':>8s} {'HF/ours':>8s} | {'peak ours':>10s} {'peak HF':>9s} {'ours/HF':>8s}")
-    for amp, a, b, (ma, mb), la, lb in rows:
-        mem = f"{ma:9.2f}G {mb:8.2f}G {ma / mb:7.2f}x" if ma else "(not measured)"
-        print(f"{amp:6s} {a:7.3f}s {b:7.3f}s {b / a:7.2f}x | {mem}   images/s: ours {args.batch / a:.2f}, "
-              f"HF {args.batch / b:.2f}; model TFLOP/s: ours {flops / a / 1e12:.2f}, HF {flops / b / 1e12:.2f}"
-              f"{mfu(flops / a, device)}; last loss: ours {la:.4f}, HF {lb:.4f}")
+          f"torch {torch.__version__}, median of {args.repeats} steps, every run alternated; vs full: images/s "
+          f"against ours full; vs HF: against the same mode's HF row (full: HF, lora: HF+peft)")
+    flops = train_flops(config, args.batch, batch[1].shape[1])
+    for amp in amps:
+        report(amp, runs, results[amp], peaks[amp], params, args, device)
+        full = {side: results[amp][side, "full"][0] for side in ("ours", "hf") if (side, "full") in runs}
+        if full:
+            print("  model TFLOP/s, full fine-tune: " + ", ".join(
+                f"{SIDE[side]} {flops / t / 1e12:.2f}" + (mfu(flops / t, device) if side == "ours" else "")
+                for side, t in full.items()))
 
 
 if __name__ == "__main__":

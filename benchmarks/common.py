@@ -36,11 +36,17 @@ def apply_common_args(args):
 def compare(ours, theirs, repeats: int, device: torch.device | None = None):
     """Median seconds of `ours()` and `theirs()`, calls alternated so that drift in the machine's
     speed hits both alike; one warm-up call each. Returns (t_ours, t_theirs, out_ours, out_theirs)."""
+    (t_ours, t_theirs), (out_ours, out_theirs) = alternate([ours, theirs], repeats, device)
+    return t_ours, t_theirs, out_ours, out_theirs
+
+
+def alternate(fns, repeats: int, device: torch.device | None = None):
+    """`compare` for any number of callables: (median seconds of each, last output of each)."""
     cuda = device is not None and device.type == "cuda"
-    out = [ours(), theirs()]
-    times = [[], []]
+    out = [fn() for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for i, fn in enumerate((ours, theirs)):
+        for i, fn in enumerate(fns):
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -48,7 +54,7 @@ def compare(ours, theirs, repeats: int, device: torch.device | None = None):
             if cuda:
                 torch.cuda.synchronize()
             times[i].append(time.perf_counter() - t)
-    return statistics.median(times[0]), statistics.median(times[1]), out[0], out[1]
+    return [statistics.median(t) for t in times], out
 
 
 def hf_model(size: str = "base", retrieval: bool = False):
