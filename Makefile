@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo bench
+.PHONY: install test lint demo transfer bench
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ test: lint
 
 demo: install
 	$(BIN)/python demo.py
+
+transfer: install
+	$(BIN)/python demo.py --transfer
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py

@@ -4,18 +4,31 @@
        size, colour, shape and place (blip/shapes.py)
     2. train.py --init scratch --preset tiny --epochs 40, into runs/demo (progress bar, report)
     3. caption held-out pictures with the trained model; print the metrics before and after training
+
+`demo.py --transfer` asks what a trained model is worth on a new domain with few pictures: the
+shapes model, fine-tuned on 16, 64 or 256 pictures of players on a pitch (blip/pitch.py), in each
+of the ways of MODES, against the same pictures learned from scratch; it prints a table (held-out
+scores on both domains, steps, time, memory, trainable parameters) and writes it to
+RUN_ROOT/transfer.md.
 """
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import train
-from blip import shapes
+from blip import pitch, shapes
 from blip.captioner import Captioner
+from blip.metrics import caption_scores
+from blip.tokenizer import Tokenizer
 
 
 def main(argv=None) -> int:
@@ -24,7 +37,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo", help="the training run's folder, replaced if it exists "
                    "(default: runs/demo)")
     p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    p.add_argument("--transfer", action="store_true", help="the transfer experiment instead: fine-tune the "
+                   "shapes model on a few pitch pictures in each mode, against training from scratch")
+    p.add_argument("--out-root", default="runs/transfer", help="with --transfer: where its runs and "
+                   "transfer.md go, replaced if it exists (default: runs/transfer)")
     args = p.parse_args(argv)
+    if args.transfer:
+        return transfer(Path(args.out_root))
     data, out = Path(args.data), Path(args.out)
     t0 = time.perf_counter()
 
@@ -57,6 +76,177 @@ def main(argv=None) -> int:
     print(f"\nreport: {out / 'report.html'}   ({time.perf_counter() - t0:.0f} s in all)")
     print(f"caption your own pictures: .venv/bin/python caption.py PICTURE.png --checkpoint {out / 'best'}")
     return 0
+
+
+# --- the transfer experiment (demo.py --transfer) ----------------------------------------------------
+TRANSFER_SIZES = (16, 64, 256)  # pitch pictures to learn from
+PITCH_TRAIN, PITCH_VAL = 256, 200  # the pool the training sets are cut from, and the held-out pictures
+PITCH_SIDE = 128  # drawn at shapes' side; both are read at the tiny model's 64 px
+VOCAB = 1000  # one WordPiece vocabulary for both domains' captions, as BERT's covers any English caption
+# every run: as many steps whatever the number of pictures, the best of 5 evaluations kept
+RUN = ["--max-steps", "400", "--eval-every", "100"]
+# the fine-tuning recipe that won on 64 pictures (README: Fine-tuning on a new domain): train.py's
+# defaults for pretrained weights (lr 1e-5, BLIP's crops and RandAugment) are made for BLIP's 224 M
+# parameters and photographs, and barely move the tiny model
+RECIPE = ["--lr", "1e-3", "--augment", "flip"]
+# extra train.py flags of each way to learn the pitch pictures; every run starts from the shapes
+# model (--init RUN_ROOT/shapes/best) with the shared vocabulary unless its flags say otherwise.
+# A mode whose flags this train.py does not know is skipped, with a note.
+MODES = {
+    "full": RECIPE,
+    "freeze-vision": RECIPE + ["--freeze-vision"],
+    "cached": RECIPE + ["--freeze-vision", "--cache-image-tokens"],
+    "lora": RECIPE + ["--lora", "8"],
+    "scratch": ["--init", "scratch", "--preset", "tiny"],  # train.py's defaults from scratch: lr 2e-3, ViT x0.1, flips
+}
+PROMPT = "a picture of "
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_pictures(pool: Path, n: int, folder: Path):
+    """`folder`/train: the first n pictures of `pool`/train; `folder`/val: all of `pool`/val."""
+    rows = read_jsonl(pool / "train" / "metadata.jsonl")[:n]
+    (folder / "train").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(pool / "train" / r["file_name"], folder / "train" / r["file_name"])
+    (folder / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(pool / "val", folder / "val")
+
+
+def flags_known(flags: list[str]) -> bool:
+    """Whether this train.py accepts `flags` (argparse exits with 2 on one it does not know)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            train.parse_args(flags)
+    except SystemExit:
+        return False
+    return True
+
+
+def run_train(flags: list[str], log: Path) -> dict:
+    """train.py in a child process, so that its peak memory is its own: exit code, wall time,
+    peak RSS (MB), and the log (stderr) it wrote."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("train.py")), *flags],
+                                 stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # the child's own rusage; ru_maxrss is in KB on Linux
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return {"code": child.returncode, "wall_s": time.perf_counter() - t0, "rss_mb": usage.ru_maxrss / 1024,
+            "log": log.read_text(errors="replace")}
+
+
+def best_eval(out: Path) -> dict:
+    """The evaluation OUT/best/ was saved at: the first with the highest CIDEr-D."""
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
+    return max(evals, key=lambda r: r["cider"])  # max keeps the first of equals, as train.py's best/
+
+
+def held_out_scores(checkpoint: Path, data: Path) -> dict:
+    """exact and CIDEr-D of `checkpoint`'s beam-3 captions of `data`/val against their captions."""
+    rows = read_jsonl(data / "val" / "metadata.jsonl")
+    captioner = Captioner.from_pretrained(checkpoint, device="cpu")
+    predictions = captioner.caption([data / "val" / r["file_name"] for r in rows], PROMPT, num_beams=3)
+    return caption_scores(predictions, [[r["text"]] for r in rows])
+
+
+def trainable_millions(log: str, flags: list[str], checkpoint: Path) -> float:
+    """Trainable parameters (M): what train.py's log says is trainable, when it says so; otherwise
+    counted in the checkpoint, less the ViT when it was frozen (today's log line counts all)."""
+    said = re.search(r"([\d.]+) M trainable", log)
+    if said:
+        return float(said.group(1))
+    from safetensors import safe_open
+
+    total = vision = 0
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        for name in f.keys():
+            n = f.get_slice(name).get_shape()
+            count = 1
+            for d in n:
+                count *= d
+            total += count
+            vision += count if name.startswith("visual_encoder.") else 0
+    return (total - vision if "--freeze-vision" in flags else total) / 1e6
+
+
+def transfer(root: Path) -> int:
+    t0 = time.perf_counter()
+    if root.exists():
+        print(f"removing the previous transfer runs in {root}")
+        shutil.rmtree(root)
+    data = root / "data"
+    shapes_data, pool = data / "shapes", data / "pitch"
+    shapes.main([str(shapes_data)])
+    pitch.main([str(pool), "--train", str(PITCH_TRAIN), "--val", str(PITCH_VAL), "--side", str(PITCH_SIDE)])
+    texts = [PROMPT] + [r["text"] for d in (shapes_data, pool) for r in read_jsonl(d / "train" / "metadata.jsonl")]
+    vocab = data / "tokenizer.json"
+    Tokenizer.train(texts, VOCAB).save(vocab)
+
+    print("training the shapes model from scratch (the demo's run, with the shared vocabulary)")
+    source = root / "shapes"
+    done = run_train(["--data", str(shapes_data), "--out", str(source), "--init", "scratch", "--preset", "tiny",
+                      "--tokenizer", str(vocab), "--epochs", "40", "--eval-every", "200"], root / "shapes.log")
+    if done["code"]:
+        print(done["log"][-2000:], file=sys.stderr)
+        return done["code"]
+    rows = [{"n": 0, "mode": "shapes model", "pitch": held_out_scores(source / "best", pool),
+             "shapes": held_out_scores(source / "best", shapes_data), "best_step": best_eval(source)["step"],
+             "steps": max(r["step"] for r in read_jsonl(source / "metrics.jsonl")), "wall_s": done["wall_s"],
+             "rss_mb": done["rss_mb"], "trainable_m": trainable_millions(done["log"], [], source / "best")}]
+    print(row_line(rows[-1]))
+
+    for n in TRANSFER_SIZES:
+        folder = data / f"pitch-{n}"
+        first_pictures(pool, n, folder)
+        for mode, extra in MODES.items():
+            out = root / f"{mode}-{n}"
+            flags = ["--data", str(folder), "--out", str(out), "--init", str(source / "best"),
+                     "--tokenizer", str(vocab), *RUN, *extra]  # later flags win: a mode can replace --init
+            if not flags_known(flags):
+                print(f"skipping {mode} (N={n}): this train.py does not take {' '.join(extra)}")
+                continue
+            done = run_train(flags, root / f"{mode}-{n}.log")
+            if done["code"]:
+                print(f"{mode} (N={n}) failed with exit code {done['code']}; its log: {root / f'{mode}-{n}.log'}")
+                continue
+            best = best_eval(out)
+            rows.append({"n": n, "mode": mode, "pitch": best, "shapes": held_out_scores(out / "best", shapes_data),
+                         "best_step": best["step"],
+                         "steps": max(r["step"] for r in read_jsonl(out / "metrics.jsonl")),
+                         "wall_s": done["wall_s"], "rss_mb": done["rss_mb"],
+                         "trainable_m": trainable_millions(done["log"], flags, out / "best")})
+            print(row_line(rows[-1]))
+
+    table = transfer_table(rows)
+    (root / "transfer.md").write_text(table)
+    print("\n" + table)
+    print(f"table: {root / 'transfer.md'}   ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+def row_line(r: dict) -> str:
+    return (f"  N={r['n']:<3d} {r['mode']:13s} pitch exact {r['pitch']['exact']:6.1%} CIDEr-D {r['pitch']['cider']:.3f}"
+            f"  shapes exact {r['shapes']['exact']:6.1%}  ({r['wall_s']:.0f} s)")
+
+
+def transfer_table(rows: list[dict]) -> str:
+    """A markdown table of the runs: held-out scores on the new domain and on shapes (forgetting)."""
+    lines = [
+        f"Pitch held-out: {PITCH_VAL} pictures; shapes held-out: 200 pictures; beam 3; pitch scores are those "
+        "of the run's best evaluation (OUT/best).\n",
+        "| N | mode | pitch exact | pitch CIDEr-D | shapes exact | shapes CIDEr-D | best at step / steps "
+        "| wall s | peak RSS MB | trainable M |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['mode']} | {r['pitch']['exact']:.1%} | {r['pitch']['cider']:.3f} "
+                     f"| {r['shapes']['exact']:.1%} | {r['shapes']['cider']:.3f} | {r['best_step']} / {r['steps']} "
+                     f"| {r['wall_s']:.0f} | {r['rss_mb']:.0f} | {r['trainable_m']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

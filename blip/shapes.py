@@ -83,11 +83,12 @@ def draw(rng: random.Random, side: int = 128) -> tuple[Image.Image, str]:
     return im, f"a {size} {colour} {shape} {place_name(row, col)}"
 
 
-def write_split(folder: Path, n: int, rng: random.Random, side: int):
+def write_split(folder: Path, n: int, rng: random.Random, side: int, picture=None):
+    """n pictures (`picture`(rng, side) -> (image, caption); default: `draw`) as PNGs + metadata.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as f:
         for i in range(n):
-            im, text = draw(rng, side)
+            im, text = (picture or draw)(rng, side)
             name = f"{i:05d}.png"
             im.save(folder / name)
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")

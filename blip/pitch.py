@@ -1,0 +1,120 @@
+"""A second generated captioning data set, for transfer: players and a ball on a green pitch,
+captioned with how many players, their size and shirt colour, and where the group is
+("two large red players and a ball at the top left").
+
+It shares words and concepts with blip/shapes.py (the shirt colours are shapes' colours, the sizes
+its small and large, the places its 3 x 3 grid) and adds new ones: a player figure (a shirt with a
+head and legs), counting one or two of them, "player"/"players", "ball", and a striped green pitch.
+A model trained on shapes knows half of every caption; one trained from scratch on a few pitch
+pictures has to learn all of it (demo.py --transfer).
+
+    python -m blip.pitch data/pitch --train 256 --val 200
+
+writes `train/` and `val/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`, `text`),
+as blip/shapes.py does.
+"""
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from . import shapes
+from .shapes import CENTRES, COLOURS, place_name
+
+COUNTS = {1: "one", 2: "two"}
+HEIGHT = (0.22, 0.26)  # a player's height as a fraction of the picture side
+SKINS = [(250, 215, 180), (205, 150, 110), (140, 95, 60)]
+GRASS = (150, 200, 140)
+BALL = 0.035  # ball radius as a fraction of the picture side
+
+
+def caption(count: int, colour: str, row: int, col: int) -> str:
+    """The one true caption of a picture: "one blue player and a ball on the left"."""
+    players = "player" if count == 1 else "players"
+    return f"{COUNTS[count]} {colour} {players} and a ball {place_name(row, col)}"
+
+
+def possible_captions() -> list[str]:
+    return [caption(n, c, r, k) for n in COUNTS for c in COLOURS for r in range(3) for k in range(3)]
+
+
+def draw_player(pen: ImageDraw.ImageDraw, x: float, top: float, height: float, shirt: tuple, skin: tuple):
+    """A standing figure `height` tall whose top is at `top`, centred on x: head, shirt, two legs."""
+    h = height
+    head, body_w = 0.13 * h, 0.42 * h
+    pen.ellipse([x - head, top, x + head, top + 2 * head], fill=skin)
+    pen.rounded_rectangle([x - body_w / 2, top + 0.27 * h, x + body_w / 2, top + 0.66 * h], radius=0.08 * h, fill=shirt)
+    leg = max(1.0, 0.09 * h)
+    for side in (-1, 1):
+        lx = x + side * 0.11 * h
+        pen.rectangle([lx - leg / 2, top + 0.64 * h, lx + leg / 2, top + h], fill=(35, 35, 40))
+
+
+def draw(rng: random.Random, side: int = 128) -> tuple[Image.Image, str]:
+    """One random picture and its caption."""
+    count, colour = rng.choice(list(COUNTS)), rng.choice(list(COLOURS))
+    row, col = rng.randrange(3), rng.randrange(3)
+
+    # the pitch: mown stripes of two greens, a random phase and shade, and darker tufts
+    shade = rng.randint(-15, 15)
+    grass = tuple(v + shade for v in GRASS)
+    im = Image.new("RGB", (side, side), grass)
+    pen = ImageDraw.Draw(im)
+    stripe, phase = side / 8, rng.uniform(0, side / 4)
+    for k in range(-1, 9):
+        x0 = phase + 2 * k * stripe
+        pen.rectangle([x0, 0, x0 + stripe, side], fill=tuple(min(255, v + 12) for v in grass))
+    for _ in range(rng.randint(0, 8)):
+        x, y, r = rng.uniform(0, side), rng.uniform(0, side), rng.uniform(1, 2.5) * side / 128
+        pen.ellipse([x - r, y - r, x + r, y + r], fill=tuple(v - 25 for v in grass))
+
+    # the group: the players side by side, the ball at their feet on one side; the group's box is
+    # centred on the place
+    height, ball = rng.uniform(*HEIGHT) * side, BALL * side
+    body, gap = 0.42 * height, 0.55 * height
+    width = count * (body + gap) + 2 * ball
+    jitter = side / 32
+    cx = CENTRES[col] * side + rng.uniform(-jitter, jitter)
+    cy = CENTRES[row] * side + rng.uniform(-jitter, jitter)
+    left = min(max(cx - width / 2, 1), side - 1 - width)
+    top = min(max(cy - height / 2, 1), side - 1 - height)
+    ball_left = rng.random() < 0.5
+    first = left + (2 * ball + gap if ball_left else 0) + body / 2
+    shirt = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
+    skin = rng.choice(SKINS)
+    for i in range(count):
+        draw_player(pen, first + i * (body + gap), top, height, shirt, skin)
+    bx = left + ball if ball_left else left + width - ball
+    by = top + height - ball
+    pen.ellipse([bx - ball, by - ball, bx + ball, by + ball], fill=(250, 250, 250))
+    return im, caption(count, colour, row, col)
+
+
+def write_split(folder: Path, n: int, rng: random.Random, side: int):
+    shapes.write_split(folder, n, rng, side, draw)  # the same files, pitch pictures in them
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write a pitch captioning data set: train/ and val/ folders of "
+                                "PNG pictures of players and a ball, with metadata.jsonl captions (count, size, "
+                                "shirt colour, place).")
+    p.add_argument("out", help="folder to write (train/ and val/ are made inside it)")
+    p.add_argument("--train", type=int, default=256, help="training pictures (default: 256)")
+    p.add_argument("--val", type=int, default=200, help="held-out pictures (default: 200)")
+    p.add_argument("--side", type=int, default=128, help="picture side in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same pictures")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    rng = random.Random(args.seed)
+    write_split(out / "train", args.train, rng, args.side)
+    write_split(out / "val", args.val, rng, args.side)
+    print(f"wrote {args.train} training and {args.val} held-out pictures to {out} "
+          f"({len(possible_captions())} possible captions)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
