@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from blip.attention_map import draw
-from blip.captioner import Captioner, Matcher
 from blip.checkpoint import CheckpointError, read_config
 from blip.config import BlipConfig
 from blip.decoding import DecodeConfig
 from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
-from blip.outputs import EXISTING, Sidecars, Stream, captioned, read_records
-from blip.trace import Trace
+from blip.tool.attention_map import draw
+from blip.tool.captioner import Captioner, Matcher
+from blip.tool.outputs import EXISTING, Sidecars, Stream, captioned, read_records
+from blip.tool.trace import Trace
 
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from blip.checkpoint import CheckpointError
-from blip.convert import convert, download, export_hf, merge_adapters
+from blip.tool.convert import convert, download, export_hf, merge_adapters
 
 
 def main(argv=None) -> int:

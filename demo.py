@@ -1,12 +1,12 @@
 """`make demo`: train a tiny BLIP captioner from scratch on generated pictures, on the CPU, in minutes.
 
     1. data/shapes: 800 training and 200 held-out pictures of one shape each, captioned with its
-       size, colour, shape and place (blip/shapes.py)
+       size, colour, shape and place (blip/tool/shapes.py)
     2. train.py --init scratch --preset tiny --epochs 40, into runs/demo (progress bar, report)
     3. caption held-out pictures with the trained model; print the metrics before and after training
 
 `demo.py --transfer` asks what a trained model is worth on a new domain with few pictures: the
-shapes model, fine-tuned on 16, 64 or 256 pictures of players on a pitch (blip/pitch.py), in each
+shapes model, fine-tuned on 16, 64 or 256 pictures of players on a pitch (blip/tool/pitch.py), in each
 of the ways of MODES, against the same pictures learned from scratch; it prints a table (held-out
 scores on both domains, steps, time, memory, trainable parameters) and writes it to
 RUN_ROOT/transfer.md.
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import train
-from blip import pitch, shapes
-from blip.captioner import Captioner
-from blip.metrics import caption_scores
 from blip.tokenizer import Tokenizer
+from blip.tool import pitch, shapes
+from blip.tool.captioner import Captioner
+from blip.tool.metrics import caption_scores
 
 
 def main(argv=None) -> int:

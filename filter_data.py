@@ -3,7 +3,7 @@ model, and keep the pairs that match.
 
     python filter_data.py --data ./football --itm checkpoints/blip-itm-base --out football-filtered
 
-Reads every layout train.py reads (blip/data.py), all splits together. Writes OUT/scores.jsonl (every
+Reads every layout train.py reads (blip/tool/data.py), all splits together. Writes OUT/scores.jsonl (every
 pair, its match probability, kept or not) and OUT/metadata.jsonl (the kept pairs, an image folder
 train.py takes as --data; images stored as bytes in parquet files are written to OUT/images/), and
 says what it dropped.
@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from blip.captioner import Matcher
 from blip.checkpoint import CheckpointError
-from blip.data import DataError, Split, check_images, read_splits
+from blip.tool.captioner import Matcher
+from blip.tool.data import DataError, Split, check_images, read_splits
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -40,8 +40,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from blip import config as presets
-from blip import recompute
-from blip.captioner import cpu_has_bf16
 from blip.checkpoint import (
     CheckpointError,
     load_tokenizer,
@@ -58,7 +56,15 @@ from blip.checkpoint import (
     weights_sha256,
 )
 from blip.config import GenerationConfig
-from blip.data import (
+from blip.decoding import DecodeConfig, generate_from
+from blip.lora import ATTENTION as LORA_TARGETS
+from blip.lora import LoraConfig, adapters, add_lora, merge_lora, parse_targets
+from blip.model import BlipCaptioner, caption_labels, caption_loss
+from blip.speed import recompute
+from blip.speed.memory import keep_freed_memory
+from blip.tokenizer import Tokenizer
+from blip.tool.captioner import cpu_has_bf16
+from blip.tool.data import (
     MAX_WORDS,
     Collate,
     DataError,
@@ -70,15 +76,9 @@ from blip.data import (
     read_eval_set,
     read_splits,
 )
-from blip.decoding import DecodeConfig, generate_from
-from blip.lora import ATTENTION as LORA_TARGETS
-from blip.lora import LoraConfig, adapters, add_lora, merge_lora, parse_targets
-from blip.memory import keep_freed_memory
-from blip.metrics import caption_scores
-from blip.model import BlipCaptioner, caption_labels, caption_loss
-from blip.report import thumbnail, write_report
-from blip.token_cache import ImageTokens
-from blip.tokenizer import Tokenizer
+from blip.tool.metrics import caption_scores
+from blip.tool.report import thumbnail, write_report
+from blip.tool.token_cache import ImageTokens
 
 DEFAULT_INIT = "checkpoints/blip-base"
 # defaults that depend on where the weights come from: BLIP's fine-tuning recipe for pretrained
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--lora-targets", metavar="NAMES", help=f"comma-separated layer names to adapt; 'text.' or 'vision.' "
       f"before a name\nlimits it to one tower (default: {','.join(LORA_TARGETS)})")
     a("--grad-checkpointing", nargs="?", const="full", default="auto", choices=["auto", *recompute.MODES],
-      help="what backward recomputes instead of keeping (blip/recompute.py). full (the flag alone):\n"
+      help="what backward recomputes instead of keeping (blip/speed/recompute.py). full (the flag alone):\n"
       "whole blocks, the least memory, ~1/3 more compute; elementwise: norms, GELU and adds, the\n"
       "same gradients, ~400 MB less for base at batch 4; none; auto (default): elementwise on CPU\n"
       "for models of 100 M parameters or more, else none")
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
 
     # --- processes -------------------------------------------------------------------------------
-    keep_freed_memory()  # fewer page faults per step (blip/memory.py)
+    keep_freed_memory()  # fewer page faults per step (blip/speed/memory.py)
     distributed = "RANK" in os.environ  # started by torchrun
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,8 +13,8 @@ import argparse
 import torch
 from common import add_common_args, apply_common_args, compare, same_weights
 
-from blip.captioner import DTYPES
 from blip.decoding import DecodeConfig, generate
+from blip.tool.captioner import DTYPES
 
 
 def main():

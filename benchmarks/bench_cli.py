@@ -221,10 +221,10 @@ def one_round(work):
         torch.matmul(a, w, out=result)
 
 
-# our side with the packed oneDNN path on (blip/linear.py), as it runs by default on non-Intel CPUs
+# our side with the packed oneDNN path on (blip/speed/linear.py), as it runs by default on non-Intel CPUs
 PACKED = """
 import runpy, sys
-from blip import linear
+from blip.speed import linear
 linear.ONEDNN = linear.AVAILABLE
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -16,7 +16,7 @@ import time
 import torch
 from common import add_common_args, apply_common_args, compare, same_weights
 
-from blip.linear import Linear
+from blip.speed.linear import Linear
 
 
 def vision_flops(v) -> float:
@@ -29,7 +29,7 @@ def vision_flops(v) -> float:
 
 def matmul_rate(N: int, C: int, H: int, repeats: int) -> float:
     """FLOP/s of an (N, C) x (C, H) product, the shape of the ViT's MLP: the faster of PyTorch's
-    plain matmul and our packed linear (blip/linear.py), so the floor is the best either reaches."""
+    plain matmul and our packed linear (blip/speed/linear.py), so the floor is the best either reaches."""
     x, layer = torch.randn(N, C), Linear(C, H)
     best = float("inf")
     with torch.inference_mode():

@@ -13,7 +13,7 @@ each as train.py runs it:
                  step (train.py --freeze-vision).
   cached         the decoder trains on image tokens the frozen ViT made once (train.py --freeze-vision
                  --cache-image-tokens): a step reads the batch's tokens from a memory-mapped file (the
-                 copy included, blip/token_cache.py) and runs the decoder alone. Making the tokens, once
+                 copy included, blip/tool/token_cache.py) and runs the decoder alone. Making the tokens, once
                  per picture, is not in it.
   lora           low-rank adapters of rank --lora-rank (alpha = 2 x rank) on the --lora-targets layers
                  train, nothing else (train.py --lora, blip/lora.py).
@@ -21,10 +21,10 @@ each as train.py runs it:
 HF runs full (`model(..., labels=labels).loss`) and lora through peft (`get_peft_model`, the same layers
 under HF's names, the same rank, alpha and trainable-parameter count: checked). Ours runs the step the way
 train.py does (loss summed over caption tokens, divided by their count; what backward recomputes as
-train.py's default for the device, blip/recompute.py).
+train.py's default for the device, blip/speed/recompute.py).
 
 Speed: median of --repeats steps after a warm-up step, every mode of both sides alternated in one process
-(machines drift), whose malloc keeps freed memory for the next step as train.py's does (blip/memory.py;
+(machines drift), whose malloc keeps freed memory for the next step as train.py's does (blip/speed/memory.py;
 --default-malloc leaves glibc's settings). Peak memory: each side and mode alone in a child process, the
 peak RSS of two steps (counted from just before the first: Linux's resettable VmHWM), or the peak CUDA
 allocation on a GPU; weights, gradients, AdamW moments and activations are all in it. Each precision's
@@ -46,13 +46,13 @@ import torch
 from common import add_common_args, alternate, apply_common_args, same_weights
 
 from blip import BlipCaptioner
-from blip.captioner import cpu_has_bf16
 from blip.lora import ATTENTION, LoraConfig, add_lora, parse_targets
 from blip.lora import TARGETS as LORA_TARGETS
-from blip.memory import keep_freed_memory
 from blip.model import caption_labels, caption_loss
-from blip.recompute import MODES, pick_mode
-from blip.token_cache import ImageTokens
+from blip.speed.memory import keep_freed_memory
+from blip.speed.recompute import MODES, pick_mode
+from blip.tool.captioner import cpu_has_bf16
+from blip.tool.token_cache import ImageTokens
 
 HERE = Path(__file__).resolve()
 
@@ -294,10 +294,10 @@ def main():
                         "HF's are the same layers under HF's names")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--recompute", choices=["auto", *MODES], default="auto",
-                   help="what our backward recomputes (blip/recompute.py; default: train.py's, auto)")
+                   help="what our backward recomputes (blip/speed/recompute.py; default: train.py's, auto)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings as they are (train.py keeps freed memory for the next "
-                        "step, blip/memory.py; the setting is the process's, so both sides get it)")
+                        "step, blip/speed/memory.py; the setting is the process's, so both sides get it)")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-mode", choices=FINETUNE, default="full", help=argparse.SUPPRESS)
     p.add_argument("--amp-one", default="fp32", help=argparse.SUPPRESS)

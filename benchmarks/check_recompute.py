@@ -1,4 +1,4 @@
-"""What backward keeps (blip/recompute.py), checked on a device: "elementwise" gives the gradients of plain
+"""What backward keeps (blip/speed/recompute.py), checked on a device: "elementwise" gives the gradients of plain
 autograd, with text dropout on (on CUDA the fused attention kernels draw random numbers, which the
 recomputation must replay in order) and under bf16 autocast.
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from blip import BlipCaptioner, linear  # noqa: E402
-from blip.convert import HF, OURS, config_from_hf, rename  # noqa: E402
+from blip import BlipCaptioner
+from blip.speed import linear  # noqa: E402
+from blip.tool.convert import HF, OURS, config_from_hf, rename  # noqa: E402
 
 LARGE_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
 
@@ -20,7 +21,7 @@ def add_common_args(p, repeats: int):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CI machine has 2 cores)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed calls per measurement (median reported)")
     p.add_argument("--plain-linear", action="store_true",
-                   help="run our linears as plain F.linear, without the packed oneDNN CPU path (blip/linear.py)")
+                   help="run our linears as plain F.linear, without the packed oneDNN CPU path (blip/speed/linear.py)")
     p.add_argument("--packed-linear", action="store_true",
                    help="run the packed oneDNN CPU path also where it is not the default (Intel CPUs)")
 
@@ -75,7 +76,7 @@ def same_weights(size: str = "base", retrieval: bool = False):
     """(HF model, ours) with random weights, identical values: BlipForConditionalGeneration and our
     BlipCaptioner, or with retrieval BlipForImageTextRetrieval and our BlipRetrieval."""
     from blip import BlipRetrieval
-    from blip.convert import CAPTIONER, RETRIEVAL
+    from blip.tool.convert import CAPTIONER, RETRIEVAL
 
     ours_class, layout = (BlipRetrieval, RETRIEVAL) if retrieval else (BlipCaptioner, CAPTIONER)
     hf = hf_model(size, retrieval)

@@ -12,7 +12,7 @@ as above, and
     adapter.json        their rank, scale and layers, and the full checkpoint folder they belong to with
                         the sha256 of its model.safetensors, checked whenever the folder is loaded
 
-Conversion from HF snapshots and original BLIP files lives in blip/convert.py.
+Conversion from HF snapshots and original BLIP files lives in blip/tool/convert.py.
 """
 
 import hashlib
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import BlipConfig
 from .lora import LoraConfig, add_lora, load_lora_state_dict, lora_state_dict
-from .memory import drop_file_pages
+from .speed.memory import drop_file_pages
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"

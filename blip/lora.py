@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear, linear
+from .speed.linear import Linear, linear
 
 # the last part of every adaptable layer's name (blip/vit.py, blip/text.py)
 TARGETS = ("qkv", "proj", "fc1", "fc2", "query", "key", "value", "out", "dense")

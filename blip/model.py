@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import recompute
 from .checkpoint import load_model, save_model
 from .config import BlipConfig
+from .speed import recompute
 from .text import KVCache, TextDecoder, TextEncoder
 from .vit import VisionTransformer
 
@@ -44,7 +44,7 @@ class BlipCaptioner(Pretrained):
 
     def set_recompute(self, mode: str):
         """What training keeps for backward, in the ViT and the decoder alike: "none", "elementwise"
-        (recompute norms, GELU and adds from kept products) or "full" (blip/recompute.py)."""
+        (recompute norms, GELU and adds from kept products) or "full" (blip/speed/recompute.py)."""
         if mode not in recompute.MODES:
             raise ValueError(f"recompute mode must be one of {recompute.MODES}, not {mode!r}")
         self.visual_encoder.recompute = self.text_decoder.recompute = mode

@@ -4,17 +4,18 @@ BLIP (Li et al., 2022, section 3.1) shares one post-LN BERT layer design between
 (bidirectional self-attention) and its decoder (causal self-attention); both may cross-attend
 to the image tokens after self-attention. The decoder ends in BERT's LM head whose output
 matrix is the word-embedding matrix (tied). Matches HF `BlipTextLMHeadModel` and the original
-`models/med.py`; only the parameter names differ (see blip/convert.py for the table).
+`models/med.py`; only the parameter names differ (see blip/tool/convert.py for the table).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import recompute
-from .attention import attention
 from .config import TextConfig
-from .linear import Linear, PackedWeight, linear
+from .speed import recompute
+from .speed.attention import attention
+from .speed.linear import Linear, PackedWeight, linear
+from .vit import Mlp
 
 
 class Attention(nn.Module):
@@ -62,16 +63,6 @@ class Attention(nn.Module):
             weights.append(probs.view(Bk, H, G, T, S).transpose(1, 2).reshape(B, H, T, S))
         y = y.view(Bk, H, G, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = Linear(width, hidden)
-        self.fc2 = Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class TextLayer(nn.Module):
@@ -171,7 +162,7 @@ class TextTransformer(nn.Module):
         self.causal = causal
         self.embeddings = TextEmbeddings(cfg)
         self.layers = nn.ModuleList(TextLayer(cfg, cross) for _ in range(cfg.depth))
-        self.recompute = "none"  # in training: what backward keeps (blip/recompute.py)
+        self.recompute = "none"  # in training: what backward keeps (blip/speed/recompute.py)
 
     def new_cache(self, image_embeds: torch.Tensor, record: bool = False) -> KVCache:
         """An empty cache for decoding from `image_embeds` (B_images, N, C_image); with record, each

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import recompute
-from .attention import attention
 from .config import VisionConfig
-from .linear import Linear
+from .speed import recompute
+from .speed.attention import attention
+from .speed.linear import Linear
 
 
 class PatchEmbed(nn.Module):
@@ -47,6 +47,9 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1, GELU, fc2: the MLP of every ViT block and of every text layer (BERT's intermediate and
+    output dense layers are the same two products and GELU; blip/text.py uses this one)."""
+
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1 = Linear(width, hidden)
@@ -80,7 +83,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.recompute = "none"  # in training: what backward keeps and what it recomputes (blip/recompute.py)
+        self.recompute = "none"  # in training: what backward keeps and what it recomputes (blip/speed/recompute.py)
         with torch.no_grad():  # positions the model can read from the first step (learned from there on)
             self.pos_embed[0, 1:] = sincos_2d(cfg.grid, cfg.width)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

@@ -1,11 +1,11 @@
-"""blip/attention.py: the bf16 CPU training path gives SDPA's output and gradients as accurate as
+"""blip/speed/attention.py: the bf16 CPU training path gives SDPA's output and gradients as accurate as
 autograd's own bf16 attention; everything else is SDPA unchanged."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from blip import attention as A
+from blip.speed import attention as A
 
 
 def qkv(B, H, T, S, hd, dtype=torch.bfloat16, peak=1.0):

@@ -12,11 +12,11 @@ from PIL import Image
 
 import caption
 from blip import BlipCaptioner
-from blip.attention_map import draw
-from blip.captioner import Captioner
 from blip.config import tiny, with_tokenizer
 from blip.decoding import DecodeConfig, generate_from
 from blip.text import Attention
+from blip.tool.attention_map import draw
+from blip.tool.captioner import Captioner
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 
@@ -133,7 +133,7 @@ def test_trace_lists_the_real_shapes(tokenizer, photos, preset, shapes):
     """--trace, read from the model's own tensors: the stages of one image, and one line per decoding
     step (beam 3: three rows, then one new token each), as many as the caption's tokens."""
     from blip.config import PRESETS
-    from blip.trace import Trace
+    from blip.tool.trace import Trace
 
     torch.manual_seed(0)
     model = BlipCaptioner(with_tokenizer(PRESETS[preset](), tokenizer))

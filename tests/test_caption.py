@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
 
 import caption
-from blip.captioner import Captioner
+from blip.tool.captioner import Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = Path(skimage.__file__).parent / "data"

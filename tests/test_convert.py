@@ -279,7 +279,7 @@ def test_presets_equal_hub_configs():
     from transformers import BlipConfig as HFConfig
 
     from blip.config import base, large
-    from blip.convert import config_from_hf
+    from blip.tool.convert import config_from_hf
 
     hub_base = HFConfig(text_config={"num_attention_heads": 12})
     hub_large = HFConfig(text_config={"num_attention_heads": 12}, vision_config={

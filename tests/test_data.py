@@ -1,4 +1,4 @@
-"""blip/data.py: every layout reads the same rows; every kind of bad row is named with its file and
+"""blip/tool/data.py: every layout reads the same rows; every kind of bad row is named with its file and
 line; splits keep an image on one side; captions are cleaned as BLIP does; the train transform is
 seeded and keeps captions true."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from blip.data import DataError, check_images, clean_caption, epoch_order, read_folder, read_splits
 from blip.image import TrainTransform, flip_caption
+from blip.tool.data import DataError, check_images, clean_caption, epoch_order, read_folder, read_splits
 
 # (file name, captions): two images have two captions each
 ITEMS = [

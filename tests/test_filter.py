@@ -7,9 +7,9 @@ import torch
 from test_retrieval import models
 
 import filter_data
-from blip import shapes
-from blip.captioner import Matcher
-from blip.data import read_splits
+from blip.tool import shapes
+from blip.tool.captioner import Matcher
+from blip.tool.data import read_splits
 
 
 def shapes_with_wrong_captions(root):

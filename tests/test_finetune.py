@@ -17,10 +17,11 @@ from test_train import FAST, finished, run_train, shapes_data, train_main
 import caption
 import convert_weights
 import train
-from blip import BlipCaptioner, shapes
-from blip.captioner import Captioner
+from blip import BlipCaptioner
 from blip.checkpoint import CheckpointError, read_config
 from blip.lora import adapters
+from blip.tool import shapes
+from blip.tool.captioner import Captioner
 
 # 20 words after the shapes caption's 6-8: captions of 26-28 words, longer than BLIP's 20 tokens
 TAIL = ("and nothing else is drawn on the light grey ground of this picture except for a few faint specks of dust")

@@ -1,4 +1,4 @@
-"""blip/linear.py: the packed CPU inference path (eval mode) gives F.linear's result and follows
+"""blip/speed/linear.py: the packed CPU inference path (eval mode) gives F.linear's result and follows
 weight changes, fused optimizers' included."""
 
 import copy
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip import linear as lin
-from blip.linear import Linear
+from blip.speed import linear as lin
+from blip.speed.linear import Linear
 
 pytestmark = pytest.mark.skipif(not lin.AVAILABLE, reason="this PyTorch has no oneDNN linear")
 

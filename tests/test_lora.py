@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from blip import BlipCaptioner, linear
+from blip import BlipCaptioner
 from blip.config import tiny, with_tokenizer
-from blip.convert import HF, OURS, config_from_hf, rename
 from blip.lora import (
     TARGETS,
     LoraConfig,
@@ -20,6 +19,8 @@ from blip.lora import (
     parse_targets,
 )
 from blip.model import caption_labels, caption_loss
+from blip.speed import linear
+from blip.tool.convert import HF, OURS, config_from_hf, rename
 from conftest import make_hf_model
 
 CAPTIONS = ["a red dog running on the beach", "a cat", "two blue boats near a river with 3 birds"]
@@ -196,7 +197,7 @@ def test_targets_parse_and_scope(tokenizer):
 
 def test_adapter_gradients_equal_with_and_without_recompute(tokenizer):
     """LoRA adds its update to its layer's output in place; rerunning whole blocks in backward
-    (blip/recompute.py "full") must not change a gradient, in fp32 or under bf16 autocast. ("elementwise"
+    (blip/speed/recompute.py "full") must not change a gradient, in fp32 or under bf16 autocast. ("elementwise"
     keeps results that the in-place update would change: train.py refuses it with --lora.)"""
     model = tiny_model(tokenizer).train()
     add_lora(model, EVERY)

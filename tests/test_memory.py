@@ -1,4 +1,4 @@
-"""blip/memory.py: a training process keeps freed memory; a loaded checkpoint's weights give back
+"""blip/speed/memory.py: a training process keeps freed memory; a loaded checkpoint's weights give back
 their pages once packed, and never lose a change."""
 
 import mmap
@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_model import batch
 
-from blip import BlipCaptioner, linear
+from blip import BlipCaptioner
 from blip.checkpoint import load_model
-from blip.memory import drop_file_pages
+from blip.speed import linear
+from blip.speed.memory import drop_file_pages
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and madvise")
 
@@ -109,7 +110,7 @@ def test_trained_then_captioned_keeps_the_trained_weights(ours_tiny, tokenizer, 
 KEEP = """
 import resource, sys
 import torch
-from blip.memory import keep_freed_memory
+from blip.speed.memory import keep_freed_memory
 if not keep_freed_memory():
     print("unsupported")
     sys.exit()

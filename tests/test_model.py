@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blip import BlipCaptioner, linear
+from blip import BlipCaptioner
 from blip.config import tiny, with_tokenizer
 from blip.model import caption_labels, caption_loss
+from blip.speed import linear
 from conftest import make_hf_model, save_hf_snapshot
 
 CAPTIONS = ["a red dog running on the beach", "a cat", "two blue boats near a river with 3 birds"]

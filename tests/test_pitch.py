@@ -1,6 +1,6 @@
-"""blip/pitch.py: the same seed writes the same pictures; every caption is one of the grammar's and
+"""blip/tool/pitch.py: the same seed writes the same pictures; every caption is one of the grammar's and
 true of its picture (count, colour and place measured in the pixels); the vocabulary shares shapes'
-words; blip/data.py reads what it writes."""
+words; blip/tool/data.py reads what it writes."""
 
 import json
 import random
@@ -9,8 +9,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from blip import pitch, shapes
-from blip.data import read_splits
+from blip.tool import pitch, shapes
+from blip.tool.data import read_splits
 
 SIDE = 128
 PLACE = "|".join(re.escape(shapes.place_name(r, c)) for r in range(3) for c in range(3))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blip import BlipRetrieval
-from blip.convert import HF, ORIGINAL, OURS, RETRIEVAL, config_from_hf, rename
+from blip.tool.convert import HF, ORIGINAL, OURS, RETRIEVAL, config_from_hf, rename
 from conftest import captions_batch, corpus, hf_config, randomize
 
 
@@ -140,7 +140,7 @@ def test_rerank_prints_the_best_scored_candidate(tokenizer, hf_taught, tmp_path,
     from PIL import Image
 
     import caption
-    from blip.captioner import Matcher
+    from blip.tool.captioner import Matcher
 
     _, ours = models(tokenizer, "tiny")
     ours.save_pretrained(tmp_path / "itm", tokenizer)

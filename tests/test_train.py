@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import caption
 import train
-from blip import shapes
-from blip.captioner import Captioner
+from blip.tool import shapes
+from blip.tool.captioner import Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--init", "scratch", "--preset", "tiny", "--log-every", "1", "--num-beams", "1"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .image import IMAGE_SUFFIXES, ImageError, TrainTransform, eval_transform, flip_caption, load_image
+from ..image import IMAGE_SUFFIXES, ImageError, TrainTransform, eval_transform, flip_caption, load_image
 
 VAL_NAMES = ("val", "validation", "valid")
 MAX_WORDS = 30  # BLIP truncates training captions to 30 words
@@ -306,7 +306,7 @@ class TrainSet(torch.utils.data.Dataset):
     sample's augmentation, so any process draws the same batch.
 
     With `cached`, a sample is not pixels but the index of its picture's tokens in train.py's cache of
-    image tokens (blip/token_cache.py): image i's view v (TrainTransform.view) is i * views + v."""
+    image tokens (blip/tool/token_cache.py): image i's view v (TrainTransform.view) is i * views + v."""
 
     def __init__(self, rows: list[Row], size: int, prompt: str, augment: str = "blip", cached: bool = False):
         self.rows = rows

@@ -11,7 +11,7 @@ the image, one panel per word (pillow only).
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
 
 
 def word_maps(tokenizer: Tokenizer, ids: list[int], maps: torch.Tensor, grid: int) -> tuple[list[str], torch.Tensor]:

@@ -14,12 +14,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from .checkpoint import CheckpointError, architecture, check_state_dict, load_tokenizer, read_adapter
-from .config import BlipConfig, TextConfig, VisionConfig
-from .image import CLIP_MEAN, CLIP_STD
-from .lora import merge_lora
-from .model import BlipCaptioner, BlipRetrieval
-from .tokenizer import Tokenizer, write_hf_files
+from ..checkpoint import CheckpointError, architecture, check_state_dict, load_tokenizer, read_adapter
+from ..config import BlipConfig, TextConfig, VisionConfig
+from ..image import CLIP_MEAN, CLIP_STD
+from ..lora import merge_lora
+from ..model import BlipCaptioner, BlipRetrieval
+from ..tokenizer import Tokenizer, write_hf_files
 
 # HF name | original BLIP name (None: same as HF) | our name.
 # {i} is a layer index, {p} is "weight" or "bias". Our ViT uses timm's names, which are the

@@ -6,7 +6,7 @@ the shapes the tensors really have (read by forward hooks while the caption is m
     print("\\n".join(trace.lines))
 """
 
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
 
 
 def shape(t) -> str:

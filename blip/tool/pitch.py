@@ -2,7 +2,7 @@
 captioned with how many players, their shirt colour, and where they are ("two red players and a
 ball at the top left").
 
-It shares words and concepts with blip/shapes.py (the shirt colours are shapes' six colours, the
+It shares words and concepts with blip/tool/shapes.py (the shirt colours are shapes' six colours, the
 places its 3 x 3 grid) and adds new ones: a player figure (a shirt with a head and legs), counting
 one or two of them, "player"/"players", "ball", and a striped pitch in place of a grey background.
 A model trained on shapes knows half of every caption; one trained from scratch on a few pitch
@@ -11,10 +11,10 @@ pitch the shapes model saw one "large green square" in every picture, on this li
 shirt colours and places from the start; with player sizes in the captions as well, two small
 players were read as one large one, and smaller players were counted worse.
 
-    python -m blip.pitch data/pitch --train 256 --val 200
+    python -m blip.tool.pitch data/pitch --train 256 --val 200
 
 writes `train/` and `val/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`, `text`),
-as blip/shapes.py does.
+as blip/tool/shapes.py does.
 """
 
 import argparse
@@ -74,7 +74,7 @@ def draw(rng: random.Random, side: int = 128) -> tuple[Image.Image, str]:
         x, y, r = rng.uniform(0, side), rng.uniform(0, side), rng.uniform(1, 2.5) * side / 128
         pen.ellipse([x - r, y - r, x + r, y + r], fill=tuple(v - 25 for v in grass))
 
-    # the players side by side, centred on the place (as a shape is in blip/shapes.py); the ball at
+    # the players side by side, centred on the place (as a shape is in blip/tool/shapes.py); the ball at
     # their feet, on a random side where it fits
     height, ball = rng.uniform(*HEIGHT) * side, BALL * side
     body, gap = 0.42 * height, 0.3 * height
@@ -97,7 +97,7 @@ def draw(rng: random.Random, side: int = 128) -> tuple[Image.Image, str]:
 
 
 def write_split(folder: Path, n: int, rng: random.Random, side: int):
-    """n pictures as PNGs with their captions in metadata.jsonl, as blip/shapes.py writes them."""
+    """n pictures as PNGs with their captions in metadata.jsonl, as blip/tool/shapes.py writes them."""
     shapes.write_split(folder, n, rng, side, draw)
 
 

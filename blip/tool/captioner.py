@@ -1,6 +1,6 @@
 """The Python API for captioning: a model, its tokenizer and its image size, on one device.
 
-    from blip.captioner import Captioner
+    from blip.tool.captioner import Captioner
     captioner = Captioner.from_pretrained("checkpoints/blip-base")
     captioner.caption(["dog.jpg", "cat.png"])   # -> ["a dog on the beach", ...]
 
@@ -12,11 +12,11 @@ from dataclasses import asdict, replace
 
 import torch
 
+from ..checkpoint import load_tokenizer
+from ..decoding import DecodeConfig, generate_from
+from ..image import load_image, preprocess
+from ..model import BlipCaptioner, BlipRetrieval
 from .attention_map import word_maps
-from .checkpoint import load_tokenizer
-from .decoding import DecodeConfig, generate_from
-from .image import load_image, preprocess
-from .model import BlipCaptioner, BlipRetrieval
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -111,7 +111,7 @@ class Captioner(OnDevice):
         returned text. For sampling,
         pass a seed, or a generator to continue one random stream over several calls.
         attention: when a list is given, it receives per image (words, maps): where the decoder
-        looked for each word, (words, grid, grid) over the image patches (blip/attention_map.py)."""
+        looked for each word, (words, grid, grid) over the image patches (blip/tool/attention_map.py)."""
         config = replace(config or self.defaults, **options)
         prompt = self.prompt if prompt is None else prompt
         if generator is None:

@@ -13,7 +13,7 @@ and trim the heap only past 1 GB of free memory. The peak memory of a step stays
 
 Captioning: give back a checkpoint's pages once nothing reads them. A loaded checkpoint's weights
 are the pages of its file, mapped copy-on-write (blip/checkpoint.py). Where the packed CPU path runs
-(blip/linear.py), it reads each weight once to pack it and then only ever reads the packed copy:
+(blip/speed/linear.py), it reads each weight once to pack it and then only ever reads the packed copy:
 `drop_file_pages` unmaps the weight's pages (MADV_DONTNEED). They stay in the kernel's file cache,
 and the weight reads the same values from it should anything read it again (saving, training). The
 kernel is asked only when every page of the weight is still the file's: a page the process has

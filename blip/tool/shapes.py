@@ -5,10 +5,10 @@ It is what `make demo` trains on and what the learning tests use: the real BLIP 
 downloaded here, and a set whose every caption is exactly right shows plainly whether a captioner
 learned to read the image (colour, shape, size) and where things are in it (place).
 
-    python -m blip.shapes data/shapes --train 800 --val 200
+    python -m blip.tool.shapes data/shapes --train 800 --val 200
 
 writes `train/` and `val/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`, `text`):
-the image-folder layout that `blip/data.py` reads.
+the image-folder layout that `blip/tool/data.py` reads.
 """
 
 import argparse

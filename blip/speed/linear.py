@@ -7,7 +7,7 @@ the few rows of a decoding step to the 577-token rows of a ViT forward (`benchma
 --plain-linear` shows the difference); on Intel CPUs it is not (`ONEDNN` below). So on other CPUs,
 when no gradient is being recorded, a fp32 CPU linear packs its weight on first use, keeps the
 packed copy and repacks it whenever the weight changes. A loaded checkpoint's weights are its
-file's pages: once a weight is packed, those pages are given back to the kernel (blip/memory.py),
+file's pages: once a weight is packed, those pages are given back to the kernel (blip/speed/memory.py),
 so the weights are in memory once, packed, not twice. Everywhere else (training, CUDA, other
 dtypes) it is plain `F.linear`. Same maths; the summation order differs, so results agree with
 `F.linear` to fp32 rounding, not bit for bit.

@@ -1,0 +1,58 @@
+"""The layout says which file is which (docs/reading-tour.md): blip/*.py is BLIP itself, blip/tool/ the
+tool around it, blip/speed/ what only makes it fast. Imports point one way: tool -> blip -> speed."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = {"speed": 0, "core": 1, "tool": 2}  # a file may import from its own kind or a lower one
+
+
+def kind(module: str) -> str:
+    """"blip.tool.data" -> "tool", "blip.speed.linear" -> "speed", "blip.vit" / "blip" -> "core"."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ("tool", "speed") else "core"
+
+
+def imports(path: Path) -> list[str]:
+    """The blip modules a file imports, as absolute names (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])  # e.g. "blip.tool"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from ..config import x, in blip/speed/: blip.config
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found += [f"{base}.{a.name}" for a in node.names] if node.module is None else [base]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+    return [m for m in found if m.split(".")[0] == "blip"]
+
+
+def wrong_way(path: Path) -> list[str]:
+    own = kind(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    return [m for m in imports(path) if KINDS[kind(m)] > KINDS[own]]
+
+
+def test_imports_point_one_way():
+    files = [p for p in (ROOT / "blip").rglob("*.py")]
+    assert len(files) > 20
+    bad = {str(p.relative_to(ROOT)): wrong_way(p) for p in files if wrong_way(p)}
+    assert not bad, f"imports against the layout (tool -> blip -> speed): {bad}"
+
+
+def test_the_check_sees_a_wrong_import(tmp_path, monkeypatch):
+    """A model file importing from the tool, and a speed file importing the model, are both caught."""
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    (tmp_path / "blip" / "speed").mkdir(parents=True)
+    (tmp_path / "blip" / "vit.py").write_text("from .tool.data import x\nfrom .speed import linear\n")
+    (tmp_path / "blip" / "speed" / "fast.py").write_text("from ..config import y\nfrom . import memory\n")
+    assert wrong_way(tmp_path / "blip" / "vit.py") == ["blip.tool.data"]
+    assert wrong_way(tmp_path / "blip" / "speed" / "fast.py") == ["blip.config"]
+
+
+def test_top_level_stays():
+    """The design card's top level: the package, the three scripts, tests, requirements, README."""
+    for name in ("blip", "train.py", "caption.py", "convert_weights.py", "tests", "requirements.txt", "README.md"):
+        assert (ROOT / name).exists(), name
