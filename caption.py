@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     if not Path(args.checkpoint).is_dir():
         print(f"error: no checkpoint folder at {args.checkpoint}; make one with "
               f"`python convert_weights.py Salesforce/blip-image-captioning-base {args.checkpoint}` "
-              "(README: Real weights)", file=sys.stderr)
+              "(docs/checkpoints.md)", file=sys.stderr)
         return 1
 
     # --- what is left to do: pictures without a caption file, or not in FILE (--resume) -------------

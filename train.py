@@ -82,14 +82,14 @@ from blip.tool.token_cache import ImageTokens
 
 DEFAULT_INIT = "checkpoints/blip-base"
 # defaults that depend on where the weights come from: BLIP's fine-tuning recipe for pretrained
-# weights; for random weights, what the shapes demo measured (README: Fine-tuning, From scratch):
+# weights; for random weights, what the shapes demo measured (docs/training.md, From scratch):
 # a ViT trained at the decoder's rate, or on cropped pictures, learns colour and place but not shape
 RECIPE = {
     "pretrained": {"lr": 1e-5, "vision_lr_scale": 1.0, "augment": "blip"},
     "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip"},
 }
 GALLERY = 8  # validation images shown per evaluation in report.html
-CPU_BF16_MIN_PARAMS = 100_000_000  # --amp auto on CPU: bf16 pays once matrix products dominate (README)
+CPU_BF16_MIN_PARAMS = 100_000_000  # --amp auto on CPU: bf16 pays once matrix products dominate (docs/training.md)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
         else:
             if not Path(args.init).is_dir():
                 return fail(f"no checkpoint folder at {args.init}; make one with `python convert_weights.py "
-                            f"Salesforce/blip-image-captioning-base {args.init}` (README: Real weights), "
+                            f"Salesforce/blip-image-captioning-base {args.init}` (docs/checkpoints.md), "
                             "or train from random weights with --init scratch")
             tokenizer = load_tokenizer(args.init)
             config = read_config(args.init)
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         return fail(str(e))
     # caption lengths from the data: training keeps whole captions, evaluation and the checkpoint's
-    # decoding defaults leave room for the longest (README: caption lengths)
+    # decoding defaults leave room for the longest (docs/training.md: caption lengths)
     prompt_length = len(tokenizer.tokens(args.prompt))
     room = config.text.max_positions - 1 - prompt_length  # new tokens that fit after [DEC] and the prompt
     if room < 2:

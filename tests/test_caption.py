@@ -131,6 +131,19 @@ def test_sampling_with_a_seed_repeats(hf_taught, images, capsys):
     assert first[0] == second[0] == 0 and first[1] == second[1]  # same captions
 
 
+def test_api_sampling_draws_one_sequence(hf_taught, images):
+    """Captioner.caption(sample=True) on a checkpoint whose defaults are beam search: one sampled
+    sequence, as caption.py --sample, the same as asking for one beam; more beams with sampling is an error."""
+    _, folder = hf_taught
+    captioner = Captioner.from_pretrained(folder, device="cpu")
+    assert captioner.defaults.num_beams == 3
+    pil = [Image.open(images / "a.png").convert("RGB")]
+    drawn = captioner.caption(pil, sample=True, top_p=0.9, seed=0)
+    assert drawn == captioner.caption(pil, sample=True, top_p=0.9, seed=0, num_beams=1)
+    with pytest.raises(ValueError, match="sampling uses one beam"):
+        captioner.caption(pil, sample=True, seed=0, num_beams=3)
+
+
 def test_bad_options_are_usage_errors(images, capsys):
     for bad in (["--beams", "0"], ["--min-length", "9", "--max-length", "4"], ["--top-p", "2"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit) as e:

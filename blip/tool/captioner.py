@@ -108,10 +108,12 @@ class Captioner(OnDevice):
         """Caption PIL images or image paths (one batch), or their tokens from `encode`; `config`
         (default: the checkpoint's, `defaults`) with `options`, DecodeConfig fields, changed in it.
         The prompt (default: the checkpoint's) conditions the caption but is not part of the
-        returned text. For sampling,
+        returned text. sample=True draws one sequence (num_beams 1 unless given). For sampling,
         pass a seed, or a generator to continue one random stream over several calls.
         attention: when a list is given, it receives per image (words, maps): where the decoder
         looked for each word, (words, grid, grid) over the image patches (blip/tool/attention_map.py)."""
+        if options.get("sample") and "num_beams" not in options:
+            options["num_beams"] = 1  # sampling draws one sequence: not the checkpoint's beams (as caption.py --sample)
         config = replace(config or self.defaults, **options)
         prompt = self.prompt if prompt is None else prompt
         if generator is None:
