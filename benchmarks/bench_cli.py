@@ -291,9 +291,13 @@ def run_folder(args, ours_cmd: list[str], hf: Path, ours: Path, tmp: Path, env: 
     tokenizer = AutoTokenizer.from_pretrained(hf)
     prompt = len(tokenizer("a picture of ").input_ids) - 1  # [DEC] (in [CLS]'s place) and the prompt, no [SEP]
     new_tokens = [min(len(tokenizer(c, add_special_tokens=False).input_ids) + 1, 20) for c in captions]
-    return {"runs": runs, "photos": len(names), "prompt": prompt, "new_tokens": new_tokens,
-            "rates": rates(min(8, len(names)), 3, args.threads), "batch": min(8, len(names)),
-            "hot rates": rates(min(8, len(names)), 3, args.threads, own_weights=False)}
+    # the products at the shapes ours runs: its default batch of pictures
+    sys.path.insert(0, str(ROOT))
+    import caption
+
+    batch = min(caption.parse_args(["x"]).batch_size, len(names))
+    return {"runs": runs, "photos": len(names), "prompt": prompt, "new_tokens": new_tokens, "batch": batch,
+            "rates": rates(batch, 3, args.threads), "hot rates": rates(batch, 3, args.threads, own_weights=False)}
 
 
 def report_folder(c: dict):
