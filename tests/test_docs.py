@@ -2,7 +2,6 @@
 checkpoint made by the test, and every relative link and image path points at something that exists
 (a `#anchor` at a heading of the file it names)."""
 
-import os
 import re
 import traceback
 from pathlib import Path
@@ -33,7 +32,7 @@ def run_example(where: str, code: str):
 
 
 @pytest.fixture
-def example_dir(ours_tiny, tmp_path):
+def example_dir(ours_tiny, tmp_path, monkeypatch):
     """What the examples name, in a fresh working folder: checkpoints/blip-base (the tiny checkpoint)
     and a few photos."""
     (tmp_path / "checkpoints").mkdir()
@@ -41,10 +40,8 @@ def example_dir(ours_tiny, tmp_path):
     rng = np.random.default_rng(0)
     for name in ("dog.jpg", "cat.png", "photo.jpg"):
         Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / name)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    yield tmp_path
-    os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def test_there_are_examples():

@@ -17,10 +17,8 @@ writes `train/` and `val/` folders of PNG pictures, each with a `metadata.jsonl`
 as blip/tool/shapes.py does.
 """
 
-import argparse
 import random
 import sys
-from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -96,28 +94,10 @@ def draw(rng: random.Random, side: int = 128) -> tuple[Image.Image, str]:
     return im, caption(count, colour, row, col)
 
 
-def write_split(folder: Path, n: int, rng: random.Random, side: int):
-    """n pictures as PNGs with their captions in metadata.jsonl, as blip/tool/shapes.py writes them."""
-    shapes.write_split(folder, n, rng, side, draw)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write a pitch captioning data set: train/ and val/ folders of "
-                                "PNG pictures of players and a ball, with metadata.jsonl captions (count, size, "
-                                "shirt colour, place).")
-    p.add_argument("out", help="folder to write (train/ and val/ are made inside it)")
-    p.add_argument("--train", type=int, default=256, help="training pictures (default: 256)")
-    p.add_argument("--val", type=int, default=200, help="held-out pictures (default: 200)")
-    p.add_argument("--side", type=int, default=128, help="picture side in pixels (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same pictures")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    rng = random.Random(args.seed)
-    write_split(out / "train", args.train, rng, args.side)
-    write_split(out / "val", args.val, rng, args.side)
-    print(f"wrote {args.train} training and {args.val} held-out pictures to {out} "
-          f"({len(possible_captions())} possible captions)")
-    return 0
+    return shapes.data_set_main(argv, "Write a pitch captioning data set: train/ and val/ folders of PNG pictures "
+                                "of players and a ball, with metadata.jsonl captions (count, shirt colour, place).",
+                                256, draw, len(possible_captions()))
 
 
 if __name__ == "__main__":

@@ -94,22 +94,28 @@ def write_split(folder: Path, n: int, rng: random.Random, side: int, picture=Non
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write a shapes captioning data set: train/ and val/ folders of "
-                                "PNG pictures with metadata.jsonl captions (size, colour, shape, place).")
+def data_set_main(argv, description: str, train: int, picture, possible: int) -> int:
+    """The command line that writes a generated data set: train/ and val/ splits of `picture`'s
+    pictures (blip/tool/shapes.py's own, blip/tool/pitch.py's players), `possible` captions in all."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("out", help="folder to write (train/ and val/ are made inside it)")
-    p.add_argument("--train", type=int, default=800, help="training pictures (default: 800)")
+    p.add_argument("--train", type=int, default=train, help=f"training pictures (default: {train})")
     p.add_argument("--val", type=int, default=200, help="held-out pictures (default: 200)")
     p.add_argument("--side", type=int, default=128, help="picture side in pixels (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same pictures")
     args = p.parse_args(argv)
     out = Path(args.out)
     rng = random.Random(args.seed)
-    write_split(out / "train", args.train, rng, args.side)
-    write_split(out / "val", args.val, rng, args.side)
-    combos = len(SIZES) * len(COLOURS) * len(SHAPES) * 9
-    print(f"wrote {args.train} training and {args.val} held-out pictures to {out} ({combos} possible captions)")
+    write_split(out / "train", args.train, rng, args.side, picture)
+    write_split(out / "val", args.val, rng, args.side, picture)
+    print(f"wrote {args.train} training and {args.val} held-out pictures to {out} ({possible} possible captions)")
     return 0
+
+
+def main(argv=None) -> int:
+    return data_set_main(argv, "Write a shapes captioning data set: train/ and val/ folders of PNG pictures with "
+                         "metadata.jsonl captions (size, colour, shape, place).", 800, draw,
+                         len(SIZES) * len(COLOURS) * len(SHAPES) * 9)
 
 
 if __name__ == "__main__":
