@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from blip.checkpoint import CheckpointError, read_config
 from blip.config import BlipConfig
-from blip.decoding import DecodeConfig
+from blip.decoding import DecodeConfig, changed
 from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
 from blip.tool.attention_map import draw
 from blip.tool.captioner import Captioner, Matcher
@@ -133,14 +133,10 @@ def parse_args(argv=None):
     config = checkpoint_config(args.checkpoint)  # unset flags take the checkpoint's values
     generation = config.generation
     args.prompt = config.prompt if args.prompt is None else args.prompt
-    beams = args.beams if args.beams is not None else 1 if args.sample else generation.num_beams
-    args.decode = DecodeConfig(
-        max_new_tokens=generation.max_new_tokens if args.max_length is None else args.max_length,
-        min_new_tokens=generation.min_new_tokens if args.min_length is None else args.min_length,
-        num_beams=beams, sample=args.sample,
-        top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
-    )
+    given = {"num_beams": args.beams, "max_new_tokens": args.max_length, "min_new_tokens": args.min_length}
+    args.decode = changed(DecodeConfig(**asdict(generation)), **{k: v for k, v in given.items() if v is not None},
+                          sample=args.sample, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                          repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
     try:
         args.decode.validate()
     except ValueError as e:

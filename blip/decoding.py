@@ -9,7 +9,7 @@ including where HF applies the repetition penalty: to logits in greedy/sampling,
 beam search.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,14 @@ class DecodeConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def changed(base: DecodeConfig, **options) -> DecodeConfig:
+    """`base` (a checkpoint's defaults) with `options` changed. Sampling draws one sequence, so
+    sample=True without num_beams also sets one beam, whatever beams `base` searches with."""
+    if options.get("sample") and "num_beams" not in options:
+        options["num_beams"] = 1
+    return replace(base, **options)
 
 
 @torch.inference_mode()

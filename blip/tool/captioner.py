@@ -8,12 +8,12 @@ Captions are decoded as the checkpoint's config says (its prompt and `generation
 unless the call says otherwise: `captioner.caption(images, num_beams=1, max_new_tokens=40)`.
 """
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
 from ..checkpoint import load_tokenizer
-from ..decoding import DecodeConfig, generate_from
+from ..decoding import DecodeConfig, changed, generate_from
 from ..image import load_image, preprocess
 from ..model import BlipCaptioner, BlipRetrieval
 from .attention_map import word_maps
@@ -112,9 +112,7 @@ class Captioner(OnDevice):
         pass a seed, or a generator to continue one random stream over several calls.
         attention: when a list is given, it receives per image (words, maps): where the decoder
         looked for each word, (words, grid, grid) over the image patches (blip/tool/attention_map.py)."""
-        if options.get("sample") and "num_beams" not in options:
-            options["num_beams"] = 1  # sampling draws one sequence: not the checkpoint's beams (as caption.py --sample)
-        config = replace(config or self.defaults, **options)
+        config = changed(config or self.defaults, **options)
         prompt = self.prompt if prompt is None else prompt
         if generator is None:
             generator = self.generator(seed)
