@@ -26,6 +26,9 @@ def examples() -> list[tuple[str, str]]:
     return found
 
 
+EXAMPLES = examples()
+
+
 def run_example(where: str, code: str):
     """Run one example as a script of its own, named by where it is written."""
     exec(compile(code, where, "exec"), {"__name__": "__example__"})
@@ -45,17 +48,17 @@ def example_dir(ours_tiny, tmp_path, monkeypatch):
 
 
 def test_there_are_examples():
-    assert any(where.startswith("README.md") for where, _ in examples())
+    assert any(where.startswith("README.md") for where, _ in EXAMPLES)
 
 
-@pytest.mark.parametrize("where,code", examples(), ids=[w for w, _ in examples()])
+@pytest.mark.parametrize("where,code", EXAMPLES, ids=[w for w, _ in EXAMPLES])
 def test_example_runs(example_dir, where, code):
     run_example(where, code)
 
 
 def test_a_broken_example_fails(example_dir):
     """The runner does fail: the README's first example with a method renamed raises, named by its place."""
-    where, code = next((w, c) for w, c in examples() if ".caption(" in c)
+    where, code = next((w, c) for w, c in EXAMPLES if ".caption(" in c)
     with pytest.raises(AttributeError) as e:
         run_example(where, code.replace(".caption(", ".kaption(", 1))
     assert where in [frame.filename for frame in traceback.extract_tb(e.value.__traceback__)]
