@@ -95,8 +95,10 @@ class LoRALinear(Linear):
         y = linear(x, self.weight, self.bias, self.packed)  # (..., out); may take the packed CPU path
         h = F.linear(x, self.lora_A)  # (..., r)
         # y += scale * h B^T, in place: no second output-sized tensor per layer (the base layer's backward
-        # needs neither), which at base size is a third of the peak memory of a LoRA step
-        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t().to(h.dtype), alpha=self.scale)
+        # needs neither), which at base size is a third of the peak memory of a LoRA step. The update is
+        # computed in the dtype the base layer returned, whichever path and autocast made it
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), self.lora_B.t().to(y.dtype),
+                                       alpha=self.scale)
         return y
 
     def merged(self) -> Linear:

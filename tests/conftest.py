@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from blip.speed import linear
 from blip.tokenizer import Tokenizer
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
@@ -20,6 +21,17 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
         f"{rng.choice(PLACES)}, with {rng.randint(2, 9)} {rng.choice(THINGS)}s!"
         for _ in range(n)
     ]
+
+
+@pytest.fixture(params=["packed-linear", "f-linear"])
+def linear_path(request, monkeypatch):
+    """Both of blip/speed/linear.py's paths on every CPU: the packed oneDNN one (the default on AMD's,
+    forced on here wherever PyTorch has it) and plain F.linear (the default on Intel's). A test module
+    takes both with `pytestmark = pytest.mark.usefixtures("linear_path")`."""
+    if request.param == "packed-linear" and not linear.AVAILABLE:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    monkeypatch.setattr(linear, "ONEDNN", request.param == "packed-linear")
+    return request.param
 
 
 @pytest.fixture(scope="session")

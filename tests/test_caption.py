@@ -16,6 +16,9 @@ from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
 import caption
 from blip.tool.captioner import Captioner
 
+# every test here on both linear paths (blip/speed/linear.py), whatever the CPU
+pytestmark = pytest.mark.usefixtures("linear_path")
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = Path(skimage.__file__).parent / "data"
 

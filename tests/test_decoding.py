@@ -8,6 +8,9 @@ from blip import BlipCaptioner
 from blip.decoding import DecodeConfig, beam_search, generate, greedy_or_sample, nucleus
 from conftest import taught_images
 
+# every test here on both linear paths (blip/speed/linear.py), whatever the CPU
+pytestmark = pytest.mark.usefixtures("linear_path")
+
 BAD_WORDS = ["a", "with", "on the"]  # words the taught model says often; "on the" is two tokens
 CASES = [  # (name, DecodeConfig fields, as HF generate kwargs too)
     ("greedy", dict(max_new_tokens=20)),

@@ -71,6 +71,17 @@ def test_training_uses_autograd():
     assert torch.allclose(layer.weight.grad, x.detach().sum(0).expand(8, 16))
 
 
+def test_autocast_gets_what_f_linear_gives():
+    """Under CPU bf16 autocast F.linear computes in bf16; the packed fp32 path would return fp32 (what
+    broke LoRA's in-place update on AMD CPUs), so it stands aside there."""
+    torch.manual_seed(0)
+    layer = Linear(64, 32).eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert layer.packed.packed is None and y.dtype == ref.dtype == torch.bfloat16 and torch.equal(y, ref)
+
+
 def test_fused_optimizer_steps_are_seen_after_a_mode_switch():
     """AdamW(fused=True) changes weights without moving their version counters: the packed copy
     is only used in eval mode and is dropped when the mode changes, so evaluation after training

@@ -23,6 +23,9 @@ from blip.speed import linear
 from blip.tool.convert import HF, OURS, config_from_hf, rename
 from conftest import make_hf_model
 
+# every test here on both linear paths (blip/speed/linear.py), whatever the CPU
+pytestmark = pytest.mark.usefixtures("linear_path")
+
 CAPTIONS = ["a red dog running on the beach", "a cat", "two blue boats near a river with 3 birds"]
 EVERY = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
 
@@ -46,9 +49,7 @@ def randomize_adapters(model, seed=1):
     return state
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["packed-linear", "f-linear"])
-def test_fresh_adapters_change_nothing(tokenizer, onednn, monkeypatch):
-    monkeypatch.setattr(linear, "ONEDNN", onednn and linear.AVAILABLE)
+def test_fresh_adapters_change_nothing(tokenizer):
     model = tiny_model(tokenizer)
     pixels, ids, mask = batch(tokenizer)
 
@@ -64,11 +65,9 @@ def test_fresh_adapters_change_nothing(tokenizer, onednn, monkeypatch):
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["packed-linear", "f-linear"])
-def test_merged_equals_unmerged(tokenizer, onednn, monkeypatch):
+def test_merged_equals_unmerged(tokenizer):
     """Merging folds B A into the same weight Parameters in place: the output stays, the state dict
     is the base model's again (the packed CPU copy must be remade from the changed weight)."""
-    monkeypatch.setattr(linear, "ONEDNN", onednn and linear.AVAILABLE)
     model = tiny_model(tokenizer).eval()
     pixels, ids, mask = batch(tokenizer)
     base_keys = list(model.state_dict())

@@ -10,8 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from blip import BlipCaptioner
 from blip.config import tiny, with_tokenizer
 from blip.model import caption_labels, caption_loss
-from blip.speed import linear
 from conftest import make_hf_model, save_hf_snapshot
+
+# every test here on both linear paths (blip/speed/linear.py), whatever the CPU
+pytestmark = pytest.mark.usefixtures("linear_path")
 
 CAPTIONS = ["a red dog running on the beach", "a cat", "two blue boats near a river with 3 birds"]
 
@@ -22,9 +24,7 @@ def batch(tokenizer, prompt="", size=64, n=3, seed=0):
     return pixels, ids, mask
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["packed-linear", "f-linear"])
-def test_tiny_logits_match_hf_with_padding(hf_tiny, ours_tiny, tokenizer, onednn, monkeypatch):
-    monkeypatch.setattr(linear, "ONEDNN", onednn and linear.AVAILABLE)
+def test_tiny_logits_match_hf_with_padding(hf_tiny, ours_tiny, tokenizer):
     hf, _ = hf_tiny
     ours = BlipCaptioner.from_pretrained(ours_tiny)
     pixels, ids, mask = batch(tokenizer)

@@ -9,7 +9,7 @@ when no gradient is being recorded, a fp32 CPU linear packs its weight on first 
 packed copy and repacks it whenever the weight changes. A loaded checkpoint's weights are its
 file's pages: once a weight is packed, those pages are given back to the kernel (blip/speed/memory.py),
 so the weights are in memory once, packed, not twice. Everywhere else (training, CUDA, other
-dtypes) it is plain `F.linear`. Same maths; the summation order differs, so results agree with
+dtypes, autocast) it is plain `F.linear`. Same maths; the summation order differs, so results agree with
 `F.linear` to fp32 rounding, not bit for bit.
 
 The packed path runs in eval mode only, and the packed copy is dropped whenever the module switches
@@ -69,10 +69,11 @@ class PackedWeight(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> torch.Tensor:
-    """x @ weight^T + bias, through `packed` in eval mode when nothing needs gradients on a fp32 CPU tensor."""
+    """x @ weight^T + bias, through `packed` in eval mode when nothing needs gradients on a fp32 CPU tensor
+    outside autocast (under autocast F.linear computes in the autocast dtype, the packed path would not)."""
     params = (weight,) if bias is None else (weight, bias)
     recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    cpu32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    cpu32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     if ONEDNN and not packed.training and not recording and cpu32:
         return torch.ops.mkldnn._linear_pointwise(x, packed.of(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
