@@ -7,16 +7,24 @@
     python train.py --data ./mine --freeze-vision --cache-image-tokens --augment flip   # the ViT run once per picture
     torchrun --nproc_per_node 4 train.py --data ./coco               # several GPUs (or CPU processes)
 
-One flat script, top to bottom: arguments, processes, data (checked whole before anything is
-written), model and tokenizer, optimizer and schedule, resume, evaluation, the loop. OUT/last/ and
-OUT/best/ are checkpoint folders that caption.py --checkpoint takes as they are; OUT/last/ also
-holds the loop state that --resume continues from. OUT/metrics.jsonl has a line per log and per
-evaluation, OUT/report.html shows them. With --lora, last/ and best/ hold the adapters alone and name
-the checkpoint they belong to (blip/lora.py); `convert_weights.py --merge-lora` makes a full folder of them.
+A run, in the order of this file; main() at the bottom reads as the recipe:
+    arguments    parse_args: the flags, the recipe's defaults, a resumed run's saved settings
+    output       claim_output: OUT/ is this run's (a finished save or its earlier copy, never half of one)
+    processes    start_processes: the device; with torchrun, this process's rank among `world`
+    data         read_data: every caption and picture read and checked before anything is written
+    model        build_model: tokenizer, config, weights, LoRA adapters, what trains
+    precision    pick_precision: autocast and fp16's gradient scaler
+    batches      Batches: the seeded epoch order, cut into micro-batches and processes
+    one step     train_step: forward, the loss over the whole batch's caption tokens, backward, clip, update
+    the run      Run: OUT/metrics.jsonl, evaluation (best/, --patience), OUT/last/ to resume from, report.html
+    the loop     train_loop: set the learning rate, step, log, evaluate, save; Ctrl-C or SIGTERM saves last/
 
-Checkpoints carry their decoding defaults (config.json "generation"): the evaluation's beams, and caption
-lengths that fit the training captions (the longest plus a quarter, at least BLIP's 20 new tokens), which
-caption.py and Captioner then use.
+OUT/last/ and OUT/best/ are checkpoint folders that caption.py --checkpoint takes as they are; last/ also
+holds the loop state that --resume continues from, best/ the evaluation that chose it (evaluation.json).
+With --lora, both hold the adapters alone and name the checkpoint they belong to (blip/lora.py);
+`convert_weights.py --merge-lora` makes a full folder of them. Checkpoints carry their decoding defaults
+(config.json "generation"): the evaluation's beams, and caption lengths that fit the training captions (the
+longest plus a quarter, at least BLIP's 20 new tokens), which caption.py and Captioner then use.
 
 --batch-size is the number of (image, caption) pairs of one optimizer step, however many processes
 (torchrun) and micro-batches (--grad-accum) it is split into: the loss is the mean over the caption
@@ -31,8 +39,8 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,15 +59,16 @@ from blip.checkpoint import (
     replace_folder,
     restore_optimizer,
     save_adapters,
+    save_evaluation,
     save_model,
     save_training_state,
     weights_sha256,
 )
-from blip.config import GenerationConfig
+from blip.config import BlipConfig, GenerationConfig
 from blip.decoding import DecodeConfig, generate_from
 from blip.lora import ATTENTION as LORA_TARGETS
-from blip.lora import LoraConfig, adapters, add_lora, merge_lora, parse_targets
-from blip.model import BlipCaptioner, caption_labels, caption_loss
+from blip.lora import TEXT_LAYERS, LoraConfig, adapters, add_lora, merge_lora, parse_targets, reaches_vision
+from blip.model import IGNORE, BlipCaptioner, caption_labels, caption_loss
 from blip.speed import recompute
 from blip.speed.memory import keep_freed_memory
 from blip.tokenizer import Tokenizer
@@ -69,6 +78,7 @@ from blip.tool.data import (
     Collate,
     DataError,
     EvalSet,
+    Split,
     TrainSet,
     check_images,
     clean_caption,
@@ -88,22 +98,66 @@ RECIPE = {
     "pretrained": {"lr": 1e-5, "vision_lr_scale": 1.0, "augment": "blip"},
     "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip"},
 }
+# what --resume cannot change: the model, what trains and how, the data and its order. Anything else
+# (learning rate, steps, intervals, patience, precision, workers, device) may change.
+FIXED_ON_RESUME = ("data", "val_fraction", "seed", "init", "preset", "tokenizer", "vocab_size", "prompt",
+                   "batch_size", "augment", "dropout", "label_smoothing", "weight_decay", "vision_lr_scale",
+                   "freeze_vision", "cache_image_tokens", "lora", "lora_alpha", "lora_targets")
+TEXT_LORA_TARGETS = tuple(t for t in LORA_TARGETS if not reaches_vision(t))  # the default with --freeze-vision
 GALLERY = 8  # validation images shown per evaluation in report.html
 CPU_BF16_MIN_PARAMS = 100_000_000  # --amp auto on CPU: bf16 pays once matrix products dominate (docs/training.md)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
+class TrainError(Exception):
+    """Why a run cannot start or go on: main prints it as one line ("error: ...") and exits with 1."""
+
+
+def say(message: str):
+    tqdm.write(message, file=sys.stderr)
+
+
+# --- arguments -----------------------------------------------------------------------------------------
+def add_data_flags(a):
     a("--data", metavar="DIR", help="data folder: metadata.jsonl/csv, COCO .json, parquet snapshot or .txt sidecars;\n"
       "train/ and val/ sub-folders are the splits when present")
     a("--out", metavar="DIR", help="where checkpoints, metrics.jsonl and report.html go (default: runs/<data name>)")
+    a("--val-fraction", type=float, default=0.1, help="without a val/ split: fraction of images held out "
+      "(default: 0.1)")
+    a("--eval-data", action="append", metavar="DIR", default=[],
+      help="another validation set (its val/ split, or the whole folder), evaluated with\n"
+      "the first; its metrics go into metrics.jsonl and report.html (repeatable: forgetting shows)")
+    a("--skip-bad", action="store_true", help="train on the good rows when some are bad, instead of stopping")
+    a("--prompt", default="a picture of ", help="text every caption starts with; not a target of the loss\n"
+      "(default: 'a picture of ')")
+    a("--augment", choices=["blip", "flip", "none"],
+      help="blip: random resized crop, flip, RandAugment (default fine-tuning); flip: flips only\n"
+      "(default from scratch); none")
+
+
+def add_model_flags(a):
     a("--init", default=DEFAULT_INIT, metavar="DIR",
-      help=f"checkpoint folder to fine-tune (default: {DEFAULT_INIT}), or 'scratch' for random weights")
+      help=f"checkpoint folder to fine-tune (default: {DEFAULT_INIT}), or 'scratch' for random weights;\n"
+      "a --lora run's folder is merged first, then all of its weights train")
     a("--preset", choices=list(presets.PRESETS), default="tiny", help="model size with --init scratch (default: tiny)")
     a("--tokenizer", metavar="FILE", help="with --init scratch: tokenizer.json or vocab.txt; default: a WordPiece\n"
       "vocabulary trained on the data's captions")
     a("--vocab-size", type=int, default=1000, help="size of that trained vocabulary (default: 1000)")
+    a("--dropout", type=float, default=0.0, help="text dropout (default: 0, as HF's checkpoints; the original\n"
+      "BLIP trained with 0.1)")
+    a("--freeze-vision", action="store_true", help="train the text decoder only; the ViT stays as loaded")
+    a("--cache-image-tokens", action="store_true",
+      help="with --freeze-vision: compute each picture's image tokens once per view (as it is, and\n"
+      "mirrored with --augment flip) into OUT/image_tokens/, and train the decoder on them\n"
+      "(needs --augment flip or none: random crops cannot be computed ahead)")
+    a("--lora", type=int, metavar="RANK", help="train low-rank adapters of this rank instead of the weights\n"
+      "(blip/lora.py); OUT/last/ and OUT/best/ then hold the adapters alone")
+    a("--lora-alpha", type=float, help="adapter scale alpha / rank (default: alpha = 2 x rank)")
+    a("--lora-targets", metavar="NAMES", help="comma-separated layer names to adapt; 'text.' or 'vision.' before\n"
+      f"a name limits it to one tower (default: {','.join(LORA_TARGETS)};\n"
+      f"with --freeze-vision: {','.join(TEXT_LORA_TARGETS)})")
+
+
+def add_optimizer_flags(a):
     a("--epochs", type=int, default=5, help="passes over the training captions (default: 5, as BLIP on COCO)")
     a("--max-steps", type=int, help="stop after this many optimizer steps (the schedule ends there too)")
     a("--batch-size", type=int, default=32, help="(image, caption) pairs per optimizer step, all processes\n"
@@ -119,38 +173,25 @@ def parse_args(argv=None) -> argparse.Namespace:
       "after it (default: 0.05)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default: 1.0)")
     a("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default: 0.1, as BLIP)")
-    a("--dropout", type=float, default=0.0, help="text dropout (default: 0, as HF's checkpoints; the original\n"
-      "BLIP trained with 0.1)")
-    a("--prompt", default="a picture of ", help="text every caption starts with; not a target of the loss\n"
-      "(default: 'a picture of ')")
-    a("--augment", choices=["blip", "flip", "none"],
-      help="blip: random resized crop, flip, RandAugment (default fine-tuning); flip: flips only\n"
-      "(default from scratch); none")
-    a("--freeze-vision", action="store_true", help="train the text decoder only; the ViT stays as loaded")
-    a("--cache-image-tokens", action="store_true",
-      help="with --freeze-vision: compute each picture's image tokens once per view (as it is, and\n"
-      "mirrored with --augment flip) into OUT/image_tokens/, and train the decoder on them\n"
-      "(needs --augment flip or none: random crops cannot be computed ahead)")
-    a("--lora", type=int, metavar="RANK", help="train low-rank adapters of this rank instead of the weights\n"
-      "(blip/lora.py); OUT/last/ and OUT/best/ then hold the adapters alone")
-    a("--lora-alpha", type=float, help="adapter scale alpha / rank (default: alpha = 2 x rank)")
-    a("--lora-targets", metavar="NAMES", help=f"comma-separated layer names to adapt; 'text.' or 'vision.' "
-      f"before a name\nlimits it to one tower (default: {','.join(LORA_TARGETS)})")
+
+
+def add_speed_flags(a):
     a("--grad-checkpointing", nargs="?", const="full", default="auto", choices=["auto", *recompute.MODES],
       help="what backward recomputes instead of keeping (blip/speed/recompute.py). full (the flag alone):\n"
       "whole blocks, the least memory, ~1/3 more compute; elementwise: norms, GELU and adds, the\n"
       "same gradients, ~400 MB less for base at batch 4; none; auto (default): elementwise on CPU\n"
-      "for models of 100 M parameters or more, else none")
+      "for models of 100 M parameters or more, else none; with --lora always none")
     a("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
       help="mixed precision; auto: bf16 on CUDA GPUs that have it, else fp16 with a\n"
       "gradient scaler; on CPU, bf16 for base-size models and larger where the CPU has\n"
       "AVX-512 BF16 or AMX (measured 2x fp32), else off (fp32)")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--workers", type=int, help="data-loading processes (default: 0 on CPU, 6 on CUDA)")
-    a("--seed", type=int, default=0, help="seed for initialisation, data order, augmentation and the split")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
-    a("--val-fraction", type=float, default=0.1, help="without a val/ split: fraction of images held out "
-      "(default: 0.1)")
+
+
+def add_run_flags(a):
+    a("--seed", type=int, default=0, help="seed for initialisation, data order, augmentation and the split")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (default: 0, at the end of every epoch)")
     a("--save-every", type=int, default=0, help="write OUT/last/ every N steps (default: 0, with every evaluation)")
     a("--log-every", type=int, default=10, help="write a metrics line every N steps (default: 10)")
@@ -160,25 +201,43 @@ def parse_args(argv=None) -> argparse.Namespace:
       "checkpoint's default (default: the longest training caption plus a quarter, at least 20)")
     a("--min-new-tokens", type=int, metavar="N", help="shortest evaluation caption in tokens, saved likewise\n"
       "(default: 5, or the shortest training caption's length when shorter)")
-    a("--eval-data", action="append", metavar="DIR", default=[],
-      help="another validation set (its val/ split, or the whole folder), evaluated with\n"
-      "the first; its metrics go into metrics.jsonl and report.html (repeatable: forgetting shows)")
     a("--patience", type=int, default=0, metavar="N", help="stop after N evaluations without a better CIDEr-D\n"
       "(best/ keeps the best; default: 0, never)")
     a("--resume", action="store_true", help="continue the run in --out from OUT/last/ with its saved settings;\n"
-      "flags given now override them")
-    a("--skip-bad", action="store_true", help="train on the good rows when some are bad, instead of stopping")
+      "learning rate, steps, intervals, patience, precision, workers and device may be\n"
+      "given anew, the model, what trains and the data may not")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage of forty flags above it
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    for title, add in (("data", add_data_flags), ("model", add_model_flags), ("optimizer", add_optimizer_flags),
+                       ("speed and memory", add_speed_flags), ("the run", add_run_flags)):
+        add(p.add_argument_group(title).add_argument)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The run's settings: the flags, then the recipe's defaults. With --resume, the run's saved settings
+    are the defaults; a flag that cannot change on resume (FIXED_ON_RESUME) and differs is a TrainError."""
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.resume:  # the saved settings become the defaults; flags on the command line still win
+    saved = None
+    if args.resume:
         if args.out is None:
             p.error("--resume needs --out, the folder of the run to continue")
         try:
-            saved, _ = load_training_state(recover_and_path(Path(args.out)))
+            saved, _ = load_training_state(recover_outputs(Path(args.out)) / "last")
         except CheckpointError as e:
             p.error(f"nothing to resume in {args.out}: {e}")
-        if isinstance(saved["args"].get("grad_checkpointing"), bool):  # runs saved when the flag was on/off
-            saved["args"]["grad_checkpointing"] = "full" if saved["args"]["grad_checkpointing"] else "auto"
-        p.set_defaults(**saved["args"])
+        saved = saved["args"]
+        if isinstance(saved.get("grad_checkpointing"), bool):  # runs saved when the flag was on/off
+            saved["grad_checkpointing"] = "full" if saved["grad_checkpointing"] else "auto"
+        p.set_defaults(**saved)
         args = p.parse_args(argv)
         args.resume = True
     if args.data is None:
@@ -188,42 +247,57 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.out is None:
         args.out = str(Path("runs") / Path(args.data).resolve().name)
+    check_args(p, args)
+    for name in FIXED_ON_RESUME if saved else ():
+        if name in saved and not same_setting(name, getattr(args, name), saved[name]):
+            flag = "--" + name.replace("_", "-")
+            raise TrainError(f"{flag} cannot change on --resume: the run in {args.out} was started with {flag} "
+                             f"{saved[name]} (to change it, start a new run with another --out)")
+    return args
+
+
+def same_setting(name: str, a, b) -> bool:
+    """Equal settings; a folder or file spelled differently (relative, absolute) is the same one."""
+    if name in ("data", "init", "tokenizer") and isinstance(a, str) and isinstance(b, str):
+        return a == b or Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuse (as usage errors) settings that do not go together; resolve the LoRA ones."""
     for name in ("epochs", "batch_size", "grad_accum", "num_beams", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_new_tokens", "lora"):
+    for name in ("max_new_tokens", "lora", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.min_new_tokens is not None and args.min_new_tokens < 0 or args.patience < 0:
         p.error("--min-new-tokens and --patience must not be negative")
+    if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.dropout < 1:
+        p.error("--warmup, --label-smoothing and --dropout must be in [0, 1)")
     if args.cache_image_tokens and not args.freeze_vision:
         p.error("--cache-image-tokens needs --freeze-vision: tokens of a ViT that learns change every step")
     if args.cache_image_tokens and args.augment == "blip":
         p.error("--cache-image-tokens cannot cache random crops (--augment blip): add --augment flip or none")
     if (args.lora_alpha is not None or args.lora_targets) and not args.lora:
         p.error("--lora-alpha and --lora-targets need --lora RANK")
-    if args.lora and args.grad_checkpointing == "elementwise":
+    if not args.lora:
+        return
+    if args.grad_checkpointing == "elementwise":
         p.error("--lora updates layer outputs in place, which --grad-checkpointing elementwise keeps: use none "
                 "(the default with --lora) or full")
-    if args.lora:
-        args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora
-        try:
-            targets = parse_targets(args.lora_targets or ",".join(LORA_TARGETS))
-        except ValueError as e:
-            p.error(f"--lora-targets: {e}")
-        if args.freeze_vision:  # the ViT stays as loaded: adapters on the text decoder only
-            targets = tuple(dict.fromkeys(t if t.startswith("text.") else f"text.{t.split('.')[-1]}" for t in targets))
-        args.lora_targets = ",".join(targets)
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error("--max-steps must be at least 1")
-    if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.dropout < 1:
-        p.error("--warmup, --label-smoothing and --dropout must be in [0, 1)")
-    return args
-
-
-def recover_and_path(out: Path) -> Path:
-    recover_folder(out / "last")
-    return out / "last"
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora
+    default = TEXT_LORA_TARGETS if args.freeze_vision else LORA_TARGETS
+    try:
+        targets = parse_targets(args.lora_targets or ",".join(default))
+    except ValueError as e:
+        p.error(f"--lora-targets: {e}")
+    frozen = [t for t in targets if reaches_vision(t)] if args.freeze_vision else []
+    if frozen:
+        name = frozen[0].rpartition(".")[2]
+        instead = f"text.{name}" if name in TEXT_LAYERS else f"layers of the text model ({', '.join(TEXT_LAYERS)})"
+        p.error(f"--lora-targets {frozen[0]} adapts the ViT, which --freeze-vision keeps as loaded: name {instead}")
+    args.lora_targets = ",".join(targets)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -236,25 +310,138 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only (not on norms, biases, embeddings, class
-    token, positions); the ViT's learning rate is the decoder's times `vision_lr_scale`."""
-    groups = {(vision, decay): [] for vision in (True, False) for decay in (True, False)}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        embedding = "embeddings." in name or name.endswith(("pos_embed", "cls_token"))
-        groups[name.startswith("visual_encoder."), p.dim() >= 2 and not embedding].append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "lr_scale": vision_lr_scale if vision else 1.0}
-            for (vision, decay), params in groups.items() if params]
+# --- output: OUT/ belongs to this run ---------------------------------------------------------------------
+def recover_outputs(out: Path) -> Path:
+    """Undo a save cut short in OUT/last/ and OUT/best/: each is then its newest whole copy."""
+    for name in ("last", "best"):
+        recover_folder(out / name)
+    return out
 
 
-def split_batch(items: list, parts: int) -> list[list]:
-    """Cut a batch into `parts` contiguous pieces whose sizes differ by at most one."""
-    size, extra = divmod(len(items), parts)
-    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+def claim_output(args):
+    out = recover_outputs(Path(args.out))
+    if (out / "last").exists() and not args.resume:
+        raise TrainError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+
+
+# --- processes --------------------------------------------------------------------------------------------
+@dataclass
+class Processes:
+    """This process among the run's: its device, and under torchrun its rank among `world` processes.
+    Rank 0 ("master") writes OUT/ and evaluates; the methods are the run's only meeting points."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False  # started by torchrun (even as one process): DDP and collective calls
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str):
+        if self.master:
+            say(message)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def share(self, value):
+        """Rank 0's `value` (any picklable object), on every process."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes, in place."""
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_processes(args) -> Processes:
+    keep_freed_memory()  # fewer page faults per step (blip/speed/memory.py)
+    name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for, but no CUDA GPU is available")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if name == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:  # not started by torchrun
+        return Processes(device)
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return Processes(device, dist.get_rank(), dist.get_world_size(), distributed=True)
+
+
+# --- data: read and check everything before anything is written --------------------------------------------
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    extra: dict[str, Split]  # --eval-data sets by name
+
+
+def eval_set_names(folders: list[str]) -> dict[str, str]:
+    """--eval-data folders by the name their metrics take: the folder's name (its parent's, for a
+    val/ folder), numbered when two are the same."""
+    names = {}
+    for folder in folders:
+        path = Path(folder).resolve()
+        name = path.parent.name if path.name in ("val", "validation", "valid") else path.name
+        names[name if name not in names else f"{name}-{len(names) + 1}"] = folder
+    return names
+
+
+def read_data(args, procs: Processes) -> Data:
+    try:
+        train_split, val_split = read_splits(args.data, args.val_fraction, args.seed)
+        extra = {name: read_eval_set(d) for name, d in eval_set_names(args.eval_data).items()}
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    n_images = len(train_split.rows) + len(val_split.rows) + sum(len(s.rows) for s in extra.values())
+    with tqdm(total=n_images, desc="checking images", unit="image", disable=not procs.master or n_images < 100,
+              file=sys.stderr) as bar:
+        data = Data(check_images(train_split, bar), check_images(val_split, bar),
+                    {name: check_images(split, bar) for name, split in extra.items()})
+    problems = [p for split in (data.train, data.val, *data.extra.values()) for p in split.problems]
+    if problems:
+        for problem in problems:
+            procs.log(f"bad row: {problem}")
+        if not args.skip_bad:
+            raise TrainError(f"{len(problems)} bad row(s) in {args.data} (listed above); fix them, or pass --skip-bad "
+                             "to train on the rest")
+        procs.log(f"--skip-bad: dropped {len(problems)} bad row(s), training on the rest")
+    if not data.train.rows or not data.val.rows:
+        raise TrainError(f"{args.data}: need at least one training and one validation image, "
+                         f"have {len(data.train.rows)} and {len(data.val.rows)}")
+    empty = [name for name, split in data.extra.items() if not split.rows]
+    if empty:
+        raise TrainError(f"--eval-data {empty[0]}: no images to evaluate on")
+    return data
+
+
+# --- model: tokenizer, config, weights, adapters, what trains ------------------------------------------------
+@dataclass
+class Setup:
+    """The model to train and what goes with it."""
+
+    model: BlipCaptioner
+    tokenizer: Tokenizer
+    config: BlipConfig  # with the run's dropout, label smoothing, prompt and decoding defaults
+    adapter: dict | None  # with --lora: adapter.json of the run's folders (blip/checkpoint.py)
+    prompt_length: int  # the prompt's tokens, which are not targets
+    max_tokens: int  # longest token sequence of any caption: [DEC], prompt, caption, [SEP]
+    caption_tokens: tuple[int, int]  # shortest and longest training caption, in new tokens
 
 
 def caption_lengths(rows, tokenizer) -> tuple[int, int]:
@@ -273,279 +460,249 @@ def fit_generation(shortest: int, longest: int, room: int, args) -> GenerationCo
     return GenerationConfig(num_beams=args.num_beams, max_new_tokens=min(most, room), min_new_tokens=min(least, most))
 
 
-def eval_set_names(folders: list[str]) -> dict[str, str]:
-    """--eval-data folders by the name their metrics take: the folder's name (its parent's, for a
-    val/ folder), numbered when two are the same."""
-    names = {}
-    for folder in folders:
-        path = Path(folder).resolve()
-        name = path.parent.name if path.name in ("val", "validation", "valid") else path.name
-        names[name if name not in names else f"{name}-{len(names) + 1}"] = folder
-    return names
+def tokenizer_and_config(args, procs: Processes, data: Data) -> tuple[Tokenizer, BlipConfig, Path | None]:
+    """The tokenizer, the config and the folder the weights come from (None: random weights)."""
+    last = Path(args.out) / "last"
+    if args.resume:
+        return load_tokenizer(last), read_config(last), last
+    if args.init != "scratch":
+        if not Path(args.init).is_dir():
+            raise TrainError(f"no checkpoint folder at {args.init}; make one with `python convert_weights.py "
+                             f"Salesforce/blip-image-captioning-base {args.init}` (docs/checkpoints.md), "
+                             "or train from random weights with --init scratch")
+        return load_tokenizer(args.init), read_config(args.init), Path(args.init)
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    else:  # trained once, on rank 0, and shared, so every process has the same vocabulary
+        texts = [args.prompt] + [clean_caption(c) for r in data.train.rows for c in r.captions]
+        tokenizer = Tokenizer.from_str(procs.share(Tokenizer.train(texts, args.vocab_size).to_str()
+                                                   if procs.master else None))
+    return tokenizer, presets.with_tokenizer(presets.PRESETS[args.preset](), tokenizer), None
 
 
-def say(message: str):
-    tqdm.write(message, file=sys.stderr)
-
-
-def scores_line(result: dict) -> str:
-    return (f"val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, CIDEr-D {result['cider']:.3f}, "
-            f"exact {result['exact']:.1%}")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
-
-    # --- processes -------------------------------------------------------------------------------
-    keep_freed_memory()  # fewer page faults per step (blip/speed/memory.py)
-    distributed = "RANK" in os.environ  # started by torchrun
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda was asked for, but no CUDA GPU is available", file=sys.stderr)
-        return 1
-    rank, world = 0, 1
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if distributed:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    master = rank == 0
-    log = say if master else (lambda _: None)
-
-    def fail(message: str) -> int:
-        log(f"error: {message}")
-        if distributed:
-            dist.destroy_process_group()
-        return 1
-
-    # --- data: read and check everything before anything is written --------------------------------
-    if (out / "last").exists() and not args.resume:
-        return fail(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+def build_model(args, procs: Processes, data: Data) -> Setup:
     try:
-        train_split, val_split = read_splits(args.data, args.val_fraction, args.seed)
-        extra = {name: read_eval_set(d) for name, d in eval_set_names(args.eval_data).items()}  # --eval-data
-    except DataError as e:
-        return fail(str(e))
-    n_images = len(train_split.rows) + len(val_split.rows) + sum(len(s.rows) for s in extra.values())
-    with tqdm(total=n_images, desc="checking images", unit="image", disable=not master or n_images < 100,
-              file=sys.stderr) as bar:
-        train_split, val_split = check_images(train_split, bar), check_images(val_split, bar)
-        extra = {name: check_images(split, bar) for name, split in extra.items()}
-    problems = train_split.problems + val_split.problems + [p for s in extra.values() for p in s.problems]
-    if problems:
-        for problem in problems:
-            log(f"bad row: {problem}")
-        if not args.skip_bad:
-            return fail(f"{len(problems)} bad row(s) in {args.data} (listed above); fix them, or pass --skip-bad "
-                        "to train on the rest")
-        log(f"--skip-bad: dropped {len(problems)} bad row(s), training on the rest")
-    if not train_split.rows or not val_split.rows:
-        return fail(f"{args.data}: need at least one training and one validation image, "
-                    f"have {len(train_split.rows)} and {len(val_split.rows)}")
-    empty = [name for name, split in extra.items() if not split.rows]
-    if empty:
-        return fail(f"--eval-data {empty[0]}: no images to evaluate on")
-
-    # --- tokenizer and model -----------------------------------------------------------------------
-    last = out / "last"
-    try:
-        if args.resume:
-            tokenizer = load_tokenizer(last)
-            config = read_config(last)
-            init = last
-        elif args.init == "scratch":
-            if args.tokenizer:
-                tokenizer = Tokenizer.from_file(args.tokenizer)
-            else:  # trained once, on rank 0, and shared, so every process has the same vocabulary
-                texts = [args.prompt] + [clean_caption(c) for r in train_split.rows for c in r.captions]
-                blob = [Tokenizer.train(texts, args.vocab_size).to_str() if master else None]
-                if distributed:
-                    dist.broadcast_object_list(blob, src=0)
-                tokenizer = Tokenizer.from_str(blob[0])
-            config = presets.with_tokenizer(presets.PRESETS[args.preset](), tokenizer)
-            init = None
-        else:
-            if not Path(args.init).is_dir():
-                return fail(f"no checkpoint folder at {args.init}; make one with `python convert_weights.py "
-                            f"Salesforce/blip-image-captioning-base {args.init}` (docs/checkpoints.md), "
-                            "or train from random weights with --init scratch")
-            tokenizer = load_tokenizer(args.init)
-            config = read_config(args.init)
-            init = Path(args.init)
+        tokenizer, config, init = tokenizer_and_config(args, procs, data)
     except (CheckpointError, ValueError, OSError) as e:
-        return fail(str(e))
+        raise TrainError(str(e)) from None
     # caption lengths from the data: training keeps whole captions, evaluation and the checkpoint's
     # decoding defaults leave room for the longest (docs/training.md: caption lengths)
     prompt_length = len(tokenizer.tokens(args.prompt))
     room = config.text.max_positions - 1 - prompt_length  # new tokens that fit after [DEC] and the prompt
     if room < 2:
-        return fail(f"the prompt {args.prompt!r} leaves no room in the model's {config.text.max_positions} positions")
-    shortest, longest = caption_lengths(train_split.rows, tokenizer)
-    everything = [train_split, val_split, *extra.values()]
-    max_tokens = 1 + prompt_length + min(room, max(caption_lengths(s.rows, tokenizer)[1] for s in everything))
-    generation = fit_generation(shortest, longest, room, args)
-    config = replace(config, text=replace(config.text, dropout=args.dropout), generation=generation,
+        raise TrainError(f"the prompt {args.prompt!r} leaves no room in the model's {config.text.max_positions} "
+                         "positions")
+    shortest, longest = caption_lengths(data.train.rows, tokenizer)
+    splits = [data.train, data.val, *data.extra.values()]
+    max_tokens = 1 + prompt_length + min(room, max(caption_lengths(s.rows, tokenizer)[1] for s in splits))
+    config = replace(config, text=replace(config.text, dropout=args.dropout),
+                     generation=fit_generation(shortest, longest, room, args),
                      label_smoothing=args.label_smoothing, prompt=args.prompt)
     torch.manual_seed(args.seed)
     try:
         model = BlipCaptioner(config) if init is None else BlipCaptioner.from_pretrained(init, config=config)
     except (CheckpointError, ValueError) as e:
-        return fail(str(e))
-    adapter = None  # with --lora: adapter.json of the run's folders (blip/checkpoint.py)
+        raise TrainError(str(e)) from None
+    adapter = choose_trainable(args, model, init)
+    model.to(procs.device).train()
+    model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, procs.device))
+    return Setup(model, tokenizer, config, adapter, prompt_length, max_tokens, (shortest, longest))
+
+
+def choose_trainable(args, model: BlipCaptioner, init: Path | None) -> dict | None:
+    """Which weights train: with --lora the adapters alone (returns adapter.json's contents), else every
+    weight but the ViT's with --freeze-vision. A --lora run's folder as --init is merged first."""
+    if args.resume and args.lora:  # last/ holds the adapters, loaded onto their base, which stays frozen
+        return read_adapter(init)
     if args.lora:
-        if args.resume:  # last/ holds the adapters, loaded onto their base
-            adapter = read_adapter(last)
-        elif init is None:
-            return fail("--lora adapts a trained checkpoint: give one with --init, not scratch")
-        elif adapters(model):
-            return fail(f"{init} holds LoRA adapters: make a full checkpoint of it first with "
-                        f"`python convert_weights.py --merge-lora {init} MERGED`, and train from MERGED")
-        else:
-            lora = LoraConfig(args.lora, args.lora_alpha, tuple(args.lora_targets.split(",")))
-            add_lora(model, lora)
-            adapter = {"base": str(init.resolve()), "base_sha256": weights_sha256(init), "lora": lora.to_dict()}
-    elif adapters(model):  # a LoRA run's folder as --init: its adapters become weights, then all of them train
-        merge_lora(model)
-    model.to(device).train()
+        if init is None:
+            raise TrainError("--lora adapts a trained checkpoint: give one with --init, not scratch")
+        if adapters(model):
+            raise TrainError(f"{init} holds LoRA adapters: make a full checkpoint of it first with "
+                             f"`python convert_weights.py --merge-lora {init} MERGED`, and train from MERGED")
+        lora = LoraConfig(args.lora, args.lora_alpha, tuple(args.lora_targets.split(",")))
+        add_lora(model, lora)
+        return {"base": str(init.resolve()), "base_sha256": weights_sha256(init), "lora": lora.to_dict()}
+    merge_lora(model)  # a LoRA run's folder (as --init): its adapters become weights
+    model.requires_grad_(True)
     if args.freeze_vision:
         model.visual_encoder.requires_grad_(False)
-    model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, device))
-    size = config.vision.image_size
+    return None
 
-    # --- batches: the epoch order and every augmentation are fixed by the seed ----------------------
-    train_set = TrainSet(train_split.rows, size, args.prompt, args.augment, cached=args.cache_image_tokens)
-    batch = min(args.batch_size, len(train_set))
-    if batch < args.grad_accum * world:
-        return fail(f"a batch of {batch} pairs cannot be split into {args.grad_accum} micro-batches on {world} "
-                    "process(es)")
-    steps_per_epoch = len(train_set) // batch
-    total = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
-    collate = Collate(tokenizer, max_tokens)
-    workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
 
-    def batches_from(step: int):
-        """This process's micro-batches from optimizer step `step` on: lists of (pair, seed)."""
-        epoch = step // steps_per_epoch
-        while True:
-            order = epoch_order(len(train_set), epoch, args.seed)
-            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                for micro in split_batch(order[b * batch : (b + 1) * batch], args.grad_accum):
-                    yield split_batch(micro, world)[rank]
-            epoch, step = epoch + 1, (epoch + 1) * steps_per_epoch
+def param_groups(model, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only (not on norms, biases, embeddings, class
+    token, positions); the ViT's learning rate is the decoder's times `vision_lr_scale`."""
+    groups = {(vision, decay): [] for vision in (True, False) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        embedding = "embeddings." in name or name.endswith(("pos_embed", "cls_token"))
+        groups[name.startswith("visual_encoder."), p.dim() >= 2 and not embedding].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": vision_lr_scale if vision else 1.0}
+            for (vision, decay), params in groups.items() if params]
 
-    # --- optimizer, schedule, precision --------------------------------------------------------------
-    peak_lr = args.lr
-    # fused: one kernel for all of a step's updates, on CPU as on CUDA (4-5x PyTorch's per-tensor loop on CPU)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.vision_lr_scale), lr=peak_lr,
-                                  betas=(0.9, 0.999), fused=True)
+
+# --- precision ------------------------------------------------------------------------------------------------
+@dataclass
+class Precision:
+    amp: str  # what ran: bf16, fp16 or off
+    autocast: object  # () -> a context manager
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; a no-op otherwise
+
+
+def pick_precision(args, model, device: torch.device) -> Precision:
     amp = args.amp
     if amp == "auto" and device.type == "cuda":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     elif amp == "auto":  # bf16 autocast: 2x fp32 for the base model on such CPUs, 0.8x for the tiny one
         big = sum(p.numel() for p in model.parameters()) >= CPU_BF16_MIN_PARAMS
         amp = "bf16" if big and cpu_has_bf16() else "off"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    return Precision(amp, autocast, torch.amp.GradScaler(device.type, enabled=amp == "fp16"))
 
-    # --- cached image tokens: the frozen ViT run once per picture and view ------------------------------
-    image_tokens = None
-    if args.cache_image_tokens:
-        n_views = len(train_split.rows) * train_set.transform.views
-        with tqdm(total=n_views, desc="image tokens", unit="view", disable=not master, file=sys.stderr) as bar:
-            # rank 0 writes the file, the others wait for it and read it
-            if master:
-                image_tokens = ImageTokens.open_or_build(out / "image_tokens", model.visual_encoder, train_split.rows,
-                                                         train_set.transform, batch, autocast, bar)
-            if distributed:
-                dist.barrier()
-            if not master:
-                image_tokens = ImageTokens.open_or_build(out / "image_tokens", model.visual_encoder, train_split.rows,
-                                                         train_set.transform, batch, autocast)
 
-    # --- resume -------------------------------------------------------------------------------------
-    step, best, stale = 0, None, 0  # stale: evaluations since the best one (--patience)
-    if args.resume:
-        state, tensors = load_training_state(last)
-        restore_optimizer(optimizer, state["optimizer"], tensors)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        if rank:  # dropout streams differ between processes
-            torch.manual_seed(args.seed * 1000 + rank + state["step"])
-        step, best, stale = state["step"], state["best_cider"], state.get("stale", 0)
-        log(f"resuming {out} at step {step} of {total}")
-    elif rank:
-        torch.manual_seed(args.seed * 1000 + rank)
-    ddp = model
-    if args.compile:
-        ddp = torch.compile(ddp)
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(ddp, device_ids=ids)
+# --- batches: the epoch order and every augmentation are fixed by the seed -------------------------------------
+def split_batch(items: list, parts: int) -> list[list]:
+    """Cut a batch into `parts` contiguous pieces whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
-    # --- output ---------------------------------------------------------------------------------------
-    records = []
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path = out / "metrics.jsonl"
-        if args.resume and metrics_path.exists():  # lines written after the saved step did not happen
-            records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            records = [r for r in records if r["step"] <= step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        gallery = [thumbnail(row.load()) for row in val_split.rows[:GALLERY]]
 
-    def record(entry: dict):
-        records.append(entry)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+@dataclass
+class Batch:
+    """One micro-batch on the device: pictures as pixels, or (cached) as their image tokens."""
 
-    def save(folder: Path, with_state: bool):
-        """Write a checkpoint folder next to `folder`, then swap it in whole."""
-        tmp = folder.with_name(folder.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if adapter is not None:  # the adapters, and the checkpoint they belong to
-            save_adapters(model, tmp, tokenizer, adapter)
-        else:
-            save_model(model, tmp, tokenizer)
-        if with_state:
-            groups, tensors = optimizer_tensors(optimizer)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-            state = {"step": step, "best_cider": best, "stale": stale, "optimizer": groups,
-                     "scaler": scaler.state_dict(),
-                     "args": {k: v for k, v in vars(args).items() if k != "resume"}}
-            save_training_state(tmp, state, tensors)
-        replace_folder(tmp, folder)
+    pixels: torch.Tensor | None  # (B, 3, H, W)
+    image_tokens: torch.Tensor | None  # (B, N, C_img), --cache-image-tokens
+    ids: torch.Tensor  # (B, T) [DEC] prompt caption [SEP] [PAD]...
+    mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T) ids with [DEC], prompt and pads as IGNORE
 
-    # --- evaluation (rank 0) --------------------------------------------------------------------------
-    eval_decode = DecodeConfig(**asdict(config.generation))  # what the checkpoint will say to caption.py
+
+class Batches:
+    """The run's batches: `batch` pairs per optimizer step in a seeded order, each cut into --grad-accum
+    micro-batches and those into one part per process. An epoch is one pass over the training captions."""
+
+    def __init__(self, args, procs: Processes, setup: Setup, data: Data):
+        self.args, self.procs, self.setup = args, procs, setup
+        self.train_set = TrainSet(data.train.rows, setup.config.vision.image_size, args.prompt, args.augment,
+                                  cached=args.cache_image_tokens)
+        self.batch = min(args.batch_size, len(self.train_set))
+        if self.batch < args.grad_accum * procs.world:
+            raise TrainError(f"a batch of {self.batch} pairs cannot be split into {args.grad_accum} micro-batches on "
+                             f"{procs.world} process(es)")
+        self.steps_per_epoch = len(self.train_set) // self.batch
+        self.total = args.epochs * self.steps_per_epoch if args.max_steps is None else args.max_steps
+        self.collate = Collate(setup.tokenizer, setup.max_tokens)
+        self.workers = args.workers if args.workers is not None else (6 if procs.device.type == "cuda" else 0)
+        self.image_tokens = None  # --cache-image-tokens: ImageTokens, set by cache_image_tokens
+
+    def samples(self, step: int):
+        """This process's micro-batches from optimizer step `step` on: lists of (pair, seed)."""
+        epoch = step // self.steps_per_epoch
+        while True:
+            order = epoch_order(len(self.train_set), epoch, self.args.seed)
+            for b in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                for micro in split_batch(order[b * self.batch : (b + 1) * self.batch], self.args.grad_accum):
+                    yield split_batch(micro, self.procs.world)[self.procs.rank]
+            epoch, step = epoch + 1, (epoch + 1) * self.steps_per_epoch
+
+    def from_step(self, step: int):
+        """Each optimizer step's micro-batches (a list of Batch), from `step` on."""
+        device = self.procs.device
+        loader = iter(torch.utils.data.DataLoader(  # its own generator: the global stream is dropout's
+            self.train_set, batch_sampler=self.samples(step), collate_fn=self.collate, num_workers=self.workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator()))
+        cached = self.image_tokens is not None
+        while True:
+            micro = []
+            for images, ids, mask in (next(loader) for _ in range(self.args.grad_accum)):
+                labels = caption_labels(ids, mask, self.setup.prompt_length, self.setup.config.text.bos_token_id)
+                if cached:  # the samples name views of the cache: their tokens stand for the pixels
+                    images = self.image_tokens[images]
+                images, ids, mask, labels = (t.to(device, non_blocking=True) for t in (images, ids, mask, labels))
+                micro.append(Batch(None if cached else images, images if cached else None, ids, mask, labels))
+            yield micro
+
+
+def cache_image_tokens(args, procs: Processes, setup: Setup, batches: Batches, precision: Precision):
+    """--cache-image-tokens: the frozen ViT run once per picture and view, into OUT/image_tokens/
+    (blip/tool/token_cache.py); rank 0 writes the file, the others wait for it and read it."""
+    if not args.cache_image_tokens:
+        return
+    rows, transform = batches.train_set.rows, batches.train_set.transform
+    vit, folder = setup.model.visual_encoder, Path(args.out) / "image_tokens"
+    with tqdm(total=len(rows) * transform.views, desc="image tokens", unit="view", disable=not procs.master,
+              file=sys.stderr) as bar:
+        if procs.master:
+            batches.image_tokens = ImageTokens.open_or_build(folder, vit, rows, transform, batches.batch,
+                                                             precision.autocast, bar)
+        procs.barrier()
+        if not procs.master:
+            batches.image_tokens = ImageTokens.open_or_build(folder, vit, rows, transform, batches.batch,
+                                                             precision.autocast)
+
+
+# --- one optimizer step ------------------------------------------------------------------------------------------
+def train_step(model, micro: list[Batch], optimizer, precision: Precision, args, procs: Processes) -> tuple:
+    """One optimizer step on one batch of micro-batches (this process's part of it). The loss is the mean
+    over every caption token of the whole batch, whichever micro-batch and process holds it, so the
+    gradient does not depend on how the batch is split. Returns this process's share of that mean loss,
+    with and without label smoothing, and the pairs the step saw (all processes)."""
+    n_tokens = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in micro)), device=procs.device)
+    procs.sum(n_tokens)
+    loss_sum = nll_sum = 0.0
+    for i, b in enumerate(micro):
+        # DDP averages gradients over processes at the last micro-batch's backward only
+        sync = model.no_sync() if procs.distributed and i < len(micro) - 1 else nullcontext()
+        with sync, precision.autocast():
+            logits = model(b.pixels, b.ids, b.mask, image_embeds=b.image_tokens)  # (B, T, vocab)
+            loss = caption_loss(logits, b.labels, args.label_smoothing, "sum")
+        precision.scaler.scale(loss * procs.world / n_tokens).backward()  # DDP divides by world: undone
+        loss_sum += loss.item()
+        # the same loss without label smoothing: what validation reports, so the curves compare
+        nll = caption_loss(logits.detach(), b.labels, 0.0, "sum") if args.label_smoothing else loss
+        nll_sum += nll.item()
+    if args.grad_clip > 0:
+        precision.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    share = procs.world / n_tokens.item()  # this process's share of the batch's mean, rescaled
+    return loss_sum * share, nll_sum * share, sum(len(b.ids) for b in micro) * procs.world
+
+
+# --- the run: evaluation, checkpoints, metrics, report -------------------------------------------------------------
+class Evaluator:
+    """Validation loss and beam-search captions of a set of rows, scored (BLEU-4, CIDEr-D, exact) against
+    their captions, with the decoding defaults the checkpoint will carry."""
+
+    def __init__(self, setup: Setup, batches: Batches, precision: Precision, device: torch.device):
+        self.setup, self.batches, self.precision, self.device = setup, batches, precision, device
+        self.decode = DecodeConfig(**asdict(setup.config.generation))
 
     @torch.no_grad()
-    def evaluate(rows) -> dict:
+    def __call__(self, rows) -> dict:
+        model, tokenizer, config = self.setup.model, self.setup.tokenizer, self.setup.config
         model.eval()
-        loader = torch.utils.data.DataLoader(EvalSet(rows, size, args.prompt), batch_size=batch, collate_fn=collate,
-                                             num_workers=workers, generator=torch.Generator())  # global stream kept
+        loader = torch.utils.data.DataLoader(EvalSet(rows, config.vision.image_size, config.prompt),
+                                             batch_size=self.batches.batch, collate_fn=self.batches.collate,
+                                             num_workers=self.batches.workers, generator=torch.Generator())
         loss_sum, n_tokens, predictions = 0.0, 0, []
-        prompt_ids = tokenizer.encode_prompt(args.prompt)
+        prompt_ids = tokenizer.encode_prompt(config.prompt)
         for pixels, ids, mask in loader:
-            pixels, ids, mask = pixels.to(device), ids.to(device), mask.to(device)
-            with autocast():
+            pixels, ids, mask = pixels.to(self.device), ids.to(self.device), mask.to(self.device)
+            with self.precision.autocast():
                 image = model.encode_image(pixels)  # once, for the loss and for the captions
-                labels = caption_labels(ids, mask, prompt_length, config.text.bos_token_id)
+                labels = caption_labels(ids, mask, self.setup.prompt_length, config.text.bos_token_id)
                 loss_sum += caption_loss(model.text_decoder(ids, mask, image), labels, 0.0, "sum").item()
-                n_tokens += int((labels[:, 1:] != -100).sum())
-                new = generate_from(model, image, prompt_ids, eval_decode)
+                n_tokens += int((labels[:, 1:] != IGNORE).sum())
+                new = generate_from(model, image, prompt_ids, self.decode)
             predictions += [tokenizer.decode(i) for i in new]
         model.train()
         references = [row.captions for row in rows]
@@ -553,129 +710,246 @@ def main(argv=None) -> int:
         shown = [{"prediction": p, "references": r} for p, r in zip(predictions[:GALLERY], references, strict=False)]
         return {"val_loss": loss_sum / max(1, n_tokens), **scores, "gallery": shown}
 
-    # --- the loop --------------------------------------------------------------------------------------
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training {trainable / 1e6:.2f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
-        f"{f' (LoRA rank {args.lora})' if args.lora else ''} on {device} ({amp}), {len(train_set)} pairs from "
-        f"{len(train_split.rows)} images, {len(val_split.rows)} held out; "
-        f"{total} steps of {batch} pairs, lr {peak_lr:g} (ViT x{args.vision_lr_scale:g}), augment {args.augment}; "
-        f"captions of {shortest}-{longest} tokens (evaluated with beam {generation.num_beams}, "
-        f"{generation.min_new_tokens}-{generation.max_new_tokens} new tokens); writing to {out}")
-    eval_every = args.eval_every or steps_per_epoch
-    save_every = args.save_every or eval_every
-    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches_from(step), collate_fn=collate,
-                                              num_workers=workers, pin_memory=device.type == "cuda",
-                                              generator=torch.Generator()))  # the global stream is dropout's
-    def evaluation():
-        """Evaluate at `step` (and every --eval-data set), record it, keep `best/`, redraw the report."""
-        nonlocal best, stale
-        result = evaluate(val_split.rows)
-        others = {name: evaluate(split.rows) for name, split in extra.items()}
-        improved = best is None or result["cider"] > best
-        best, stale = (result["cider"], 0) if improved else (best, stale + 1)
-        entry = {"type": "eval", "step": step, "epoch": round(step / steps_per_epoch, 3), **result}
-        if others:
-            entry["eval_sets"] = {name: {k: v for k, v in r.items() if k != "gallery"} for name, r in others.items()}
-        record(entry)
-        say(f"{f'step {step}' if step else 'before training'}: {scores_line(result)}" + (" (best)" if improved else "")
-            + "".join(f"; {name}: {scores_line(r)}" for name, r in others.items()))
-        if improved:
-            save(out / "best", with_state=False)
-        write_report(out, records, gallery)
 
-    if master and not args.resume:  # where training starts from: the "before" of every curve
-        evaluation()
-    if distributed and not args.resume:
-        dist.barrier()
-    bar = tqdm(total=total, initial=step, unit="step", disable=not master, file=sys.stderr, dynamic_ncols=True)
-    t0, paused, images_seen, loss_window = time.perf_counter(), 0.0, 0, []
+def scores_line(result: dict) -> str:
+    return (f"val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, CIDEr-D {result['cider']:.3f}, "
+            f"exact {result['exact']:.1%}")
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: a checkpoint is written
+    whole, with the bookkeeping that goes with it. (A SIGKILL cannot wait: replace_folder survives it.)"""
+    caught = []
+    held = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+    for s in dict.fromkeys(caught):
+        if callable(held[s]):
+            held[s](s, None)  # Python's handler: KeyboardInterrupt
+        elif held[s] == signal.SIG_DFL:
+            signal.raise_signal(s)
+
+
+class Run:
+    """OUT/ of one run and what outlives a step: the step, the best CIDEr-D so far and the evaluations
+    since (--patience); metrics.jsonl, best/, last/ and report.html. Rank 0 evaluates and writes; every
+    process learns what it decided (stop or go on) and waits for its saves."""
+
+    def __init__(self, args, procs: Processes, setup: Setup, data: Data, batches: Batches, optimizer,
+                 precision: Precision):
+        self.args, self.procs, self.setup, self.data = args, procs, setup, data
+        self.batches, self.optimizer, self.precision = batches, optimizer, precision
+        self.out = Path(args.out)
+        self.evaluator = Evaluator(setup, batches, precision, procs.device)
+        self.step, self.best, self.stale = 0, None, 0  # stale: evaluations since the best one
+        self.records, self.gallery, self.losses = [], [], []  # losses: (loss, nll) of the steps since the last log
+        self.t0, self.paused, self.pairs_seen = time.perf_counter(), 0.0, 0  # paused: evaluating and saving
+        self.bar = None
+
+    def start(self):
+        """Continue from last/ (--resume) or begin; (re)write metrics.jsonl up to the step it starts at."""
+        if self.args.resume:
+            state, tensors = load_training_state(self.out / "last")
+            restore_optimizer(self.optimizer, state["optimizer"], tensors)
+            if state.get("scaler"):
+                self.precision.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(tensors["rng.cpu"])
+            if self.procs.device.type == "cuda" and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"])
+            self.step, self.best, self.stale = state["step"], state["best_cider"], state.get("stale", 0)
+            if self.procs.rank:  # dropout streams differ between processes
+                torch.manual_seed(self.args.seed * 1000 + self.procs.rank + self.step)
+            self.procs.log(f"resuming {self.out} at step {self.step} of {self.batches.total}")
+        elif self.procs.rank:
+            torch.manual_seed(self.args.seed * 1000 + self.procs.rank)
+        if self.procs.master:
+            self.out.mkdir(parents=True, exist_ok=True)
+            metrics = self.out / "metrics.jsonl"
+            if self.args.resume and metrics.exists():  # lines written after the saved step did not happen
+                self.records = [r for r in map(json.loads, filter(str.strip, metrics.read_text().splitlines()))
+                                if r["step"] <= self.step]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.gallery = [thumbnail(row.load()) for row in self.data.val.rows[:GALLERY]]
+        self.bar = tqdm(total=self.batches.total, initial=self.step, unit="step", disable=not self.procs.master,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def record(self, entry: dict):
+        self.records.append(entry)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def stepped(self, loss: float, nll: float, pairs: int, lr: float):
+        """Count a finished step; every --log-every steps (and at the end) record the mean losses."""
+        self.step += 1
+        self.pairs_seen += pairs
+        self.losses.append((loss, nll))
+        self.bar.update(1)
+        if self.step % self.args.log_every and self.step != self.batches.total:
+            return
+        mean = self.procs.sum(torch.tensor(self.losses, device=self.procs.device).mean(dim=0)) / self.procs.world
+        elapsed = time.perf_counter() - self.t0
+        entry = {"type": "train", "step": self.step, "epoch": round(self.step / self.batches.steps_per_epoch, 3),
+                 "loss": round(mean[0].item(), 5), "nll": round(mean[1].item(), 5), "lr": lr,
+                 "images_per_s": round(self.pairs_seen / (elapsed - self.paused), 2), "elapsed_s": round(elapsed, 1)}
+        if self.procs.master:
+            self.record(entry)
+            self.bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{entry['images_per_s']:.0f}")
+        self.losses = []
+
+    def evaluate(self) -> bool:
+        """Evaluate this step's weights on the validation set and every --eval-data set (rank 0), record
+        it, keep best/, redraw the report. True on every process when --patience has run out."""
+        pause, stop = time.perf_counter(), False
+        if self.procs.master:
+            result = self.evaluator(self.data.val.rows)
+            others = {name: self.evaluator(split.rows) for name, split in self.data.extra.items()}
+            improved = self.best is None or result["cider"] > self.best
+            entry = {"type": "eval", "step": self.step, "epoch": round(self.step / self.batches.steps_per_epoch, 3),
+                     **result}
+            if others:
+                entry["eval_sets"] = {n: {k: v for k, v in r.items() if k != "gallery"} for n, r in others.items()}
+            self.record(entry)
+            say(f"{f'step {self.step}' if self.step else 'before training'}: {scores_line(result)}"
+                + (" (best)" if improved else "") + "".join(f"; {n}: {scores_line(r)}" for n, r in others.items()))
+            with signals_held():  # best/ and the best score change together
+                if improved:
+                    self.save(self.out / "best", evaluation={k: v for k, v in entry.items() if k != "gallery"})
+                self.best, self.stale = (result["cider"], 0) if improved else (self.best, self.stale + 1)
+            write_report(self.out, self.records, self.gallery)
+            stop = 0 < self.args.patience <= self.stale
+        self.paused += time.perf_counter() - pause  # evaluation is not training speed
+        return self.procs.share(stop)
+
+    def save_last(self, wait: bool = True):
+        """Write last/: the weights (or adapters) and the loop state --resume continues from; with `wait`,
+        every process waits for it."""
+        pause = time.perf_counter()
+        if self.procs.master:
+            with signals_held():
+                self.save(self.out / "last", state=True)
+        if wait:
+            self.procs.barrier()
+        self.paused += time.perf_counter() - pause
+
+    def save(self, folder: Path, state: bool = False, evaluation: dict | None = None):
+        """Write a checkpoint folder beside `folder`, then swap it in whole (blip/checkpoint.py)."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if self.setup.adapter is not None:  # the adapters, and the checkpoint they belong to
+            save_adapters(self.setup.model, tmp, self.setup.tokenizer, self.setup.adapter)
+        else:
+            save_model(self.setup.model, tmp, self.setup.tokenizer)
+        if evaluation is not None:  # what chose these weights: best/'s evaluation
+            save_evaluation(tmp, evaluation)
+        if state:
+            groups, tensors = optimizer_tensors(self.optimizer)
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if self.procs.device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.procs.device)
+            settings = {k: v for k, v in vars(self.args).items() if k != "resume"}
+            save_training_state(tmp, {"step": self.step, "best_cider": self.best, "stale": self.stale,
+                                      "optimizer": groups, "scaler": self.precision.scaler.state_dict(),
+                                      "args": settings}, tensors)
+        replace_folder(tmp, folder)
+
+    def finish(self, interrupted: bool = False):
+        self.bar.close()
+        if not self.procs.master:
+            return
+        if interrupted:
+            say(f"interrupted: saved step {self.step} to {self.out / 'last'}; continue with --resume")
+            return
+        final = next(r for r in reversed(self.records) if r["type"] == "eval")
+        say(f"done: {self.step} steps in {time.perf_counter() - self.t0:.0f} s; best CIDEr-D {self.best:.3f}; "
+            f"last: {scores_line(final)}")
+        say(f"checkpoints: {self.out / 'best'} and {self.out / 'last'}; report: {self.out / 'report.html'}")
+
+
+def describe(args, procs: Processes, setup: Setup, data: Data, batches: Batches, precision: Precision) -> str:
+    """The run in one line: what trains, on what, how long, at what rate, where it goes."""
+    model, generation = setup.model, setup.config.generation
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shortest, longest = setup.caption_tokens
+    return (f"training {trainable / 1e6:.2f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+            f"{f' (LoRA rank {args.lora})' if args.lora else ''} on {procs.device} ({precision.amp}), "
+            f"{len(batches.train_set)} pairs from {len(data.train.rows)} images, {len(data.val.rows)} held out; "
+            f"{batches.total} steps of {batches.batch} pairs, lr {args.lr:g} (ViT x{args.vision_lr_scale:g}), "
+            f"augment {args.augment}; captions of {shortest}-{longest} tokens (evaluated with beam "
+            f"{generation.num_beams}, {generation.min_new_tokens}-{generation.max_new_tokens} new tokens); "
+            f"writing to {args.out}")
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+def train_loop(run: Run, model, steps, optimizer, precision: Precision, args, procs: Processes) -> int:
+    """Evaluate where training starts (the "before" of every curve), then step until the schedule ends or
+    --patience runs out, evaluating and saving as the flags say. `steps` yields each step's micro-batches.
+    Ctrl-C or SIGTERM saves last/ and ends the run (exit code 130): --resume continues it."""
+    total = run.batches.total
+    eval_every = args.eval_every or run.batches.steps_per_epoch
+    save_every = args.save_every or eval_every
+    on_int = signal.getsignal(signal.SIGINT)
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves last/, like Ctrl-C
     try:
-        while step < total:
-            lr = lr_at(step, total, peak_lr, args.warmup)
+        if not args.resume:
+            run.evaluate()
+        while run.step < total:
+            lr = lr_at(run.step, total, args.lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            micro = [next(loader) for _ in range(args.grad_accum)]
-            labels = [caption_labels(ids, mask, prompt_length, config.text.bos_token_id) for _, ids, mask in micro]
-            # the mean over every caption token of the whole batch, whichever process holds it
-            n_tokens = torch.tensor(float(sum(int((lab[:, 1:] != -100).sum()) for lab in labels)), device=device)
-            if distributed:
-                dist.all_reduce(n_tokens)
-            loss_sum = nll_sum = 0.0
-            for i, ((images, ids, mask), lab) in enumerate(zip(micro, labels, strict=True)):
-                if image_tokens is not None:  # the batch names views of the cache: their tokens, not pixels
-                    images = image_tokens[images]
-                images, ids, mask, lab = (t.to(device, non_blocking=True) for t in (images, ids, mask, lab))
-                sync = ddp.no_sync() if distributed and i < len(micro) - 1 else nullcontext()
-                with sync, autocast():
-                    if image_tokens is not None:
-                        logits = ddp(None, ids, mask, image_embeds=images)
-                    else:
-                        logits = ddp(images, ids, mask)
-                    loss = caption_loss(logits, lab, args.label_smoothing, "sum")
-                scaler.scale(loss * world / n_tokens).backward()
-                loss_sum += loss.item()
-                # the same loss without label smoothing: what validation reports, so the curves compare
-                nll = caption_loss(logits.detach(), lab, 0.0, "sum") if args.label_smoothing else loss
-                nll_sum += nll.item()
-                images_seen += len(images) * world
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            share = world / n_tokens.item()  # this process's share of the batch's mean, rescaled
-            loss_window.append((loss_sum * share, nll_sum * share))
-            bar.update(1)
-
-            if step % args.log_every == 0 or step == total:
-                mean = torch.tensor(loss_window, device=device).mean(dim=0)  # (loss, nll)
-                if distributed:
-                    dist.all_reduce(mean)
-                    mean /= world
-                elapsed = time.perf_counter() - t0
-                entry = {"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 3),
-                         "loss": round(mean[0].item(), 5), "nll": round(mean[1].item(), 5), "lr": lr,
-                         "images_per_s": round(images_seen / (elapsed - paused), 2), "elapsed_s": round(elapsed, 1)}
-                if master:
-                    record(entry)
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{entry['images_per_s']:.0f}")
-                loss_window = []
-            evaluating = step % eval_every == 0 or step == total
-            pause = time.perf_counter()
-            if master and evaluating:
-                evaluation()
-            patience_out = torch.tensor(int(evaluating and 0 < args.patience <= stale), device=device)
-            if distributed and evaluating:  # rank 0 evaluated: every process stops with it
-                dist.broadcast(patience_out, src=0)
-            if patience_out:
-                total = step  # the run ends here: last/ is saved as at the end
-            if master and (step % save_every == 0 or step == total):
-                save(last, with_state=True)
-            if distributed and (evaluating or step % save_every == 0):
-                dist.barrier()
-            paused += time.perf_counter() - pause  # evaluation and saving are not training speed
-            if patience_out:
-                log(f"--patience {args.patience}: no better CIDEr-D in {args.patience} evaluations; stopping at step "
-                    f"{step} (best: {out / 'best'})")
+            run.stepped(*train_step(model, next(steps), optimizer, precision, args, procs), lr)
+            if (run.step % eval_every == 0 or run.step == total) and run.evaluate():
+                procs.log(f"--patience {args.patience}: no better CIDEr-D in {args.patience} evaluations; stopping at "
+                          f"step {run.step} (best: {run.out / 'best'})")
+                total = run.step  # the run ends here: last/ is saved as at the end
+            if run.step % save_every == 0 or run.step == total:
+                run.save_last()
     except KeyboardInterrupt:
-        if master and step > 0:
-            save(last, with_state=True)
-            say(f"interrupted: saved step {step} to {last}; continue with --resume")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the save short
+        if run.step > 0:
+            run.save_last(wait=False)  # the other processes may be stopping anywhere
+        run.finish(interrupted=run.step > 0)
         return 130
     finally:
+        signal.signal(signal.SIGINT, on_int)
         signal.signal(signal.SIGTERM, on_term)
-        bar.close()
-        if distributed:
-            dist.destroy_process_group()
-    if master:
-        final = next(r for r in reversed(records) if r["type"] == "eval")
-        say(f"done: {step} steps in {time.perf_counter() - t0:.0f} s; best CIDEr-D {best:.3f}; "
-            f"last: {scores_line(final)}")
-        say(f"checkpoints: {out / 'best'} and {last}; report: {out / 'report.html'}")
+    run.finish()
     return 0
+
+
+def main(argv=None) -> int:
+    procs = None
+    try:
+        args = parse_args(argv)
+        procs = start_processes(args)
+        claim_output(args)
+        data = read_data(args, procs)
+        setup = build_model(args, procs, data)
+        batches = Batches(args, procs, setup, data)
+        # fused: one kernel for all of a step's updates, on CPU as on CUDA (4-5x PyTorch's per-tensor loop on CPU)
+        optimizer = torch.optim.AdamW(param_groups(setup.model, args.weight_decay, args.vision_lr_scale),
+                                      lr=args.lr, betas=(0.9, 0.999), fused=True)
+        precision = pick_precision(args, setup.model, procs.device)
+        cache_image_tokens(args, procs, setup, batches, precision)
+        run = Run(args, procs, setup, data, batches, optimizer, precision)
+        run.start()
+        model = torch.compile(setup.model) if args.compile else setup.model
+        if procs.distributed:
+            ids = [procs.device.index] if procs.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        procs.log(describe(args, procs, setup, data, batches, precision))
+        return train_loop(run, model, batches.from_step(run.step), optimizer, precision, args, procs)
+    except TrainError as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # every process stops; one says why
+            say(f"error: {e}")
+        return 1
+    finally:
+        if procs is not None:
+            procs.close()
 
 
 if __name__ == "__main__":

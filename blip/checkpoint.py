@@ -5,6 +5,7 @@
     tokenizer.json      the `tokenizers` file, [DEC]/[ENC] included
     training.json       train.py's loop state (step, settings, ...), in its `last/` folder only
     training.safetensors   ... and its tensors: optimizer moments, random-number streams
+    evaluation.json     the evaluation that chose these weights (step, losses, scores), in `best/` only
 
 A LoRA folder (train.py --lora) holds adapters in place of the weights: config.json and tokenizer.json
 as above, and
@@ -31,7 +32,7 @@ from .speed.memory import drop_file_pages
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
-STATE, STATE_TENSORS = "training.json", "training.safetensors"
+STATE, STATE_TENSORS, EVALUATION = "training.json", "training.safetensors", "evaluation.json"
 ADAPTER, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
 ARCHITECTURES = ("BlipCaptioner", "BlipRetrieval")  # what config.json's "architecture" may say
 
@@ -209,6 +210,16 @@ def save_training_state(folder, state: dict, tensors: dict[str, torch.Tensor]):
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
 
 
+def save_evaluation(folder, evaluation: dict):
+    """The scores of the folder's weights (train.py's best/): evaluation.json."""
+    (Path(folder) / EVALUATION).write_text(json.dumps(evaluation, indent=1) + "\n")
+
+
+def read_evaluation(folder) -> dict | None:
+    path = Path(folder) / EVALUATION
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_training_state(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     path = _need(folder, STATE)
@@ -237,23 +248,29 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, groups: dict, tensors: d
 
 
 def replace_folder(new: Path, folder: Path):
-    """Make `new` (a finished folder) be `folder`. A kill at any moment leaves a whole `folder`
-    or a whole `folder`.old that `recover_folder` puts back."""
+    """Make `new` (a finished folder) be `folder`. A kill at any instant leaves `folder` whole (the old
+    or the new), or else `folder`.old whole, which `recover_folder` puts back."""
     for f in new.iterdir():  # contents on disk before the folder is published
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    recover_folder(folder)  # an earlier swap cut short: its .old is the only whole copy, and comes back first
     old = folder.with_name(folder.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if folder.exists():
         os.replace(folder, old)
     os.replace(new, folder)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_folder(folder: Path):
-    """Undo an interrupted `replace_folder`: bring back `folder`.old when `folder` is missing."""
+    """Undo an interrupted `replace_folder`: bring `folder`.old back when `folder` is missing, drop it
+    when `folder` is whole. Safe when several processes do it at once."""
     old = folder.with_name(folder.name + ".old")
-    if old.is_dir() and not folder.exists():
+    if not old.is_dir():
+        return
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
         os.replace(old, folder)
+    except FileNotFoundError:  # another process brought it back first
+        pass

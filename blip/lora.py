@@ -28,6 +28,9 @@ TARGETS = ("qkv", "proj", "fc1", "fc2", "query", "key", "value", "out", "dense")
 ATTENTION = ("qkv", "proj", "query", "key", "value", "out")
 # "vision.fc1" adapts the ViT's fc1 only, "text.fc1" the text model's
 SCOPES = {"vision": ("visual_encoder.",), "text": ("text_decoder.", "text_encoder.")}
+# the names each tower's layers have (blip/vit.py; blip/text.py, whose MLP is the ViT's Mlp)
+VISION_LAYERS = ("qkv", "proj", "fc1", "fc2")
+TEXT_LAYERS = ("query", "key", "value", "out", "dense", "fc1", "fc2")
 
 
 def check_target(target: str) -> str:
@@ -37,6 +40,12 @@ def check_target(target: str) -> str:
         raise ValueError(f"unknown LoRA target {target!r}: choose from {', '.join(TARGETS)}, "
                          "each optionally prefixed by vision. or text. (e.g. text.query)")
     return target
+
+
+def reaches_vision(target: str) -> bool:
+    """Does `target` adapt layers of the ViT: "vision.<name>", or a bare name the ViT's layers have ("qkv", "fc1")?"""
+    scope, _, name = target.rpartition(".")
+    return scope == "vision" or (not scope and name in VISION_LAYERS)
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
