@@ -247,12 +247,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.out is None:
         args.out = str(Path("runs") / Path(args.data).resolve().name)
-    check_args(p, args)
     for name in FIXED_ON_RESUME if saved else ():
         if name in saved and not same_setting(name, getattr(args, name), saved[name]):
-            flag = "--" + name.replace("_", "-")
-            raise TrainError(f"{flag} cannot change on --resume: the run in {args.out} was started with {flag} "
-                             f"{saved[name]} (to change it, start a new run with another --out)")
+            flag, value = "--" + name.replace("_", "-"), saved[name]
+            how = "without " + flag if value is None or value is False else flag if value is True else f"{flag} {value}"
+            raise TrainError(f"{flag} cannot change on --resume: the run in {args.out} was started {how} "
+                             "(to change it, start a new run with another --out)")
+    check_args(p, args)
     return args
 
 
@@ -260,6 +261,8 @@ def same_setting(name: str, a, b) -> bool:
     """Equal settings; a folder or file spelled differently (relative, absolute) is the same one."""
     if name in ("data", "init", "tokenizer") and isinstance(a, str) and isinstance(b, str):
         return a == b or Path(a).resolve() == Path(b).resolve()
+    if name == "lora_targets" and isinstance(a, str) and isinstance(b, str):
+        return [t.strip() for t in a.split(",") if t.strip()] == b.split(",")
     return a == b
 
 
