@@ -56,3 +56,13 @@ def test_top_level_stays():
     """The design card's top level: the package, the three scripts, tests, requirements, README."""
     for name in ("blip", "train.py", "caption.py", "convert_weights.py", "tests", "requirements.txt", "README.md"):
         assert (ROOT / name).exists(), name
+
+
+def test_train_py_reads_in_stages():
+    """train.py is read to learn how BLIP is fine-tuned: no function a reader must hold in mind at once
+    is over 80 lines, and the loop itself fits a screen (STYLE.md, habit 7)."""
+    tree = ast.parse((ROOT / "train.py").read_text())
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, ast.FunctionDef)}
+    assert max(lengths.values()) <= 80, max(lengths, key=lengths.get)
+    assert lengths["train_loop"] <= 40 and lengths["main"] <= 40

@@ -19,8 +19,6 @@ import train
 from blip import BlipCaptioner
 from blip.checkpoint import load_training_state, read_evaluation
 from blip.tool import shapes
-from blip.tool.captioner import Captioner
-from blip.tool.metrics import caption_scores
 
 REFERENCE = Path(__file__).parent / "data" / "train_reference.json"
 PROMPT = "a picture of "
