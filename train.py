@@ -67,7 +67,16 @@ from blip.checkpoint import (
 from blip.config import BlipConfig, GenerationConfig
 from blip.decoding import DecodeConfig, generate_from
 from blip.lora import ATTENTION as LORA_TARGETS
-from blip.lora import TEXT_LAYERS, LoraConfig, adapters, add_lora, merge_lora, parse_targets, reaches_vision
+from blip.lora import (
+    TEXT_LAYERS,
+    LoraConfig,
+    adapters,
+    add_lora,
+    add_token_rows,
+    merge_lora,
+    parse_targets,
+    reaches_vision,
+)
 from blip.model import IGNORE, BlipCaptioner, caption_labels, caption_loss
 from blip.speed import recompute
 from blip.speed.memory import keep_freed_memory
@@ -102,7 +111,7 @@ RECIPE = {
 # (learning rate, steps, intervals, patience, precision, workers, device) may change.
 FIXED_ON_RESUME = ("data", "val_fraction", "seed", "init", "preset", "tokenizer", "vocab_size", "prompt",
                    "batch_size", "augment", "dropout", "label_smoothing", "weight_decay", "vision_lr_scale",
-                   "freeze_vision", "cache_image_tokens", "lora", "lora_alpha", "lora_targets")
+                   "freeze_vision", "cache_image_tokens", "lora", "lora_alpha", "lora_targets", "lora_tokens")
 TEXT_LORA_TARGETS = tuple(t for t in LORA_TARGETS if not reaches_vision(t))  # the default with --freeze-vision
 GALLERY = 8  # validation images shown per evaluation in report.html
 CPU_BF16_MIN_PARAMS = 100_000_000  # --amp auto on CPU: bf16 pays once matrix products dominate (docs/training.md)
@@ -155,6 +164,10 @@ def add_model_flags(a):
     a("--lora-targets", metavar="NAMES", help="comma-separated layer names to adapt; 'text.' or 'vision.' before\n"
       f"a name limits it to one tower (default: {','.join(LORA_TARGETS)};\n"
       f"with --freeze-vision: {','.join(TEXT_LORA_TARGETS)})")
+    a("--lora-tokens", choices=["data", "none"], default="data",
+      help="with --lora, data (default): the word vectors of every token the training captions and\n"
+      "the prompt use train too (the LM head reads them: tied), so that words the model never\n"
+      "wrote can be learned; a few KB per token, saved with the adapters. none: adapters only")
 
 
 def add_optimizer_flags(a):
@@ -506,15 +519,26 @@ def build_model(args, procs: Processes, data: Data) -> Setup:
         model = BlipCaptioner(config) if init is None else BlipCaptioner.from_pretrained(init, config=config)
     except (CheckpointError, ValueError) as e:
         raise TrainError(str(e)) from None
-    adapter = choose_trainable(args, model, init)
+    adapter = choose_trainable(args, model, init, caption_token_ids(data.train.rows, tokenizer, args.prompt)
+                               if args.lora and args.lora_tokens == "data" and not args.resume else [])
     model.to(procs.device).train()
     model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, procs.device))
     return Setup(model, tokenizer, config, adapter, prompt_length, max_tokens, (shortest, longest))
 
 
-def choose_trainable(args, model: BlipCaptioner, init: Path | None) -> dict | None:
-    """Which weights train: with --lora the adapters alone (returns adapter.json's contents), else every
-    weight but the ViT's with --freeze-vision. A --lora run's folder as --init is merged first."""
+def caption_token_ids(rows, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Every token id of the training sequences ([DEC] prompt caption [SEP]): the rows --lora-tokens trains."""
+    ids = set(tokenizer.encode_prompt(prompt)) | {tokenizer.sep_id}
+    for row in rows:
+        for caption in row.captions:
+            ids.update(tokenizer.tokens(clean_caption(caption, MAX_WORDS)))
+    return sorted(ids)
+
+
+def choose_trainable(args, model: BlipCaptioner, init: Path | None, token_ids: list[int]) -> dict | None:
+    """Which weights train: with --lora the adapters alone, and the rows of `token_ids` of the word
+    embeddings with --lora-tokens data (returns adapter.json's contents); else every weight but the ViT's
+    with --freeze-vision. A --lora run's folder as --init is merged first."""
     if args.resume and args.lora:  # last/ holds the adapters, loaded onto their base, which stays frozen
         return read_adapter(init)
     if args.lora:
@@ -525,6 +549,8 @@ def choose_trainable(args, model: BlipCaptioner, init: Path | None) -> dict | No
                              f"`python convert_weights.py --merge-lora {init} MERGED`, and train from MERGED")
         lora = LoraConfig(args.lora, args.lora_alpha, tuple(args.lora_targets.split(",")))
         add_lora(model, lora)
+        if args.lora_tokens == "data":
+            add_token_rows(model, token_ids)
         return {"base": str(init.resolve()), "base_sha256": weights_sha256(init), "lora": lora.to_dict()}
     merge_lora(model)  # a LoRA run's folder (as --init): its adapters become weights
     model.requires_grad_(True)

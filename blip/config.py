@@ -3,7 +3,8 @@
 Presets:
   base   ViT-B/16 at 384 px + 12-layer BERT-base decoder (Salesforce/blip-image-captioning-base)
   large  ViT-L/16 at 384 px + the same decoder, cross-attending to 1024-wide image tokens
-  tiny   a few layers of width 64, for tests and the demo (trains in minutes on 2 CPU cores)
+  tiny   a few layers of width 128, for tests and the demo (trains in minutes on 2 CPU cores)
+  small  tiny's layers at twice the width (256): how settings scale with width is measured on both
 """
 
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -106,7 +107,15 @@ def tiny(vocab_size: int = 1024, bos_token_id: int = 1022, sep_token_id: int = 3
     )
 
 
-PRESETS = {"base": base, "large": large, "tiny": tiny}
+def small(vocab_size: int = 1024, bos_token_id: int = 1022, sep_token_id: int = 3) -> BlipConfig:
+    """tiny at twice the width, heads of the same 32 channels: a second size to measure how a learning
+    rate scales with width (benchmarks/lr_scaling.py)."""
+    config = tiny(vocab_size, bos_token_id, sep_token_id)
+    return BlipConfig(vision=replace(config.vision, width=256, heads=8, mlp_dim=1024),
+                      text=replace(config.text, width=256, heads=8, mlp_dim=1024, encoder_width=256))
+
+
+PRESETS = {"base": base, "large": large, "tiny": tiny, "small": small}
 
 
 def with_tokenizer(config: BlipConfig, tokenizer) -> BlipConfig:

@@ -9,7 +9,13 @@ B starts at zero, so a fresh adapter changes nothing, and only A and B are train
 numbers per layer instead of in * out. After training, `merge_lora` folds scale * B A into W and
 the model is a plain one again: same names, same speed. The maths and the initialisation are
 peft's `LoraConfig` / `get_peft_model` (tests/test_lora.py checks loss and gradients against peft
-on HF's BLIP); the tied LM-head matrix is not a layer here and is never adapted.
+on HF's BLIP).
+
+Adapters alone cannot teach a word the model has never written: the word's vector in the embedding
+matrix, which the LM head also scores through (tied), stays as it was. `TokenRows` trains the rows of
+some tokens (those of the training captions, train.py --lora-tokens data) and nothing else of that
+matrix: k x C numbers (a few hundred rows of 768 at base size: well under a megabyte), as peft's
+`trainable_token_indices` with tied weights, which the tests compare against.
 """
 
 import math
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .speed.linear import Linear, linear
+from .text import Embedding
 
 # the last part of every adaptable layer's name (blip/vit.py, blip/text.py)
 TARGETS = ("qkv", "proj", "fc1", "fc2", "query", "key", "value", "out", "dense")
@@ -121,9 +128,58 @@ class LoRALinear(Linear):
         return plain
 
 
-def adapters(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """(name, layer) of every adapted layer in the model."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+class TokenRows(nn.Module):
+    """A frozen word-embedding matrix with the rows of tokens `ids` trainable. It holds the matrix's own
+    Parameter (state-dict name `<embedding>.weight`) and adds `<embedding>.rows` (k, C), those tokens' new
+    vectors (initialised to the old ones, as peft does), and `<embedding>.ids` (k,). Reading a token and
+    scoring it in the LM head (tied) both see the new row."""
+
+    def __init__(self, word: nn.Embedding, ids: torch.Tensor):
+        super().__init__()
+        self.weight = word.weight  # (vocab, C), frozen
+        self.num_embeddings, self.embedding_dim = word.num_embeddings, word.embedding_dim
+        ids = torch.as_tensor(ids, dtype=torch.long, device=word.weight.device).unique()  # sorted, once each
+        self.register_buffer("ids", ids)  # (k,)
+        self.rows = nn.Parameter(word.weight.detach()[ids].clone())  # (k, C)
+        slot = torch.full((word.num_embeddings,), -1, dtype=torch.long, device=ids.device)
+        slot[ids] = torch.arange(len(ids), device=ids.device)  # token id -> its row in `rows`, or -1
+        self.register_buffer("slot", slot, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.weight)  # (B, T, C)
+        slot = self.slot[input_ids]  # (B, T)
+        return torch.where((slot >= 0).unsqueeze(-1), self.rows[slot.clamp(min=0)].to(x.dtype), x)
+
+    def scores(self, x: torch.Tensor, bias: torch.Tensor, packed) -> torch.Tensor:
+        """(..., C) -> (..., vocab) through the matrix with the new rows: the frozen matrix's scores, with
+        the k columns of the trained tokens written over in place (no second vocab-sized tensor)."""
+        logits = linear(x, self.weight, bias, packed)  # (..., vocab)
+        patch = F.linear(x, self.rows.to(x.dtype), bias[self.ids])  # (..., k)
+        return logits.index_copy_(-1, self.ids, patch.to(logits.dtype))
+
+    def merged(self) -> nn.Module:
+        """Write the rows into the matrix; the plain embedding module, holding the same Parameter."""
+        with torch.no_grad():
+            self.weight.index_copy_(0, self.ids, self.rows.to(self.weight.dtype))
+        with torch.device("meta"):
+            plain = Embedding(self.num_embeddings, self.embedding_dim)
+        plain.weight, plain.training = self.weight, self.training
+        return plain
+
+
+WORDS = "text_decoder.embeddings.word"  # the captioner's word-embedding matrix, tied to its LM head
+
+
+def add_token_rows(model: nn.Module, ids) -> TokenRows:
+    """Make the rows of tokens `ids` of the captioner's word embeddings (and so of its LM head) trainable."""
+    rows = TokenRows(model.get_submodule(WORDS), ids)
+    model.set_submodule(WORDS, rows)
+    return rows
+
+
+def adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every adapted layer (LoRALinear) and trained token rows (TokenRows) in the model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoRALinear, TokenRows))]
 
 
 def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -142,19 +198,26 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def merge_lora(model: nn.Module):
-    """Fold every adapter into its layer's weight: the model's state dict has the base names only again.
-    The base weights stay frozen."""
+    """Fold every adapter into its layer's weight, and trained token rows into the embedding matrix: the
+    model's state dict has the base names only again. The base weights stay frozen."""
     for name, module in adapters(model):
         model.set_submodule(name, module.merged())
 
 
+ADAPTER_TENSORS = (".lora_A", ".lora_B", ".rows", ".ids")
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors only, by full name (`text_decoder.layers.0.self_attn.query.lora_A`)."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+    """The adapters' tensors only, by full name (`text_decoder.layers.0.self_attn.query.lora_A`, and with
+    token rows `text_decoder.embeddings.word.rows` and `.ids`)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(ADAPTER_TENSORS)}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]):
-    """Copy `state` into the model's adapters: every adapter present, no other name, shapes equal."""
+    """Copy `state` into the model's adapters: every adapter present, no other name, shapes equal. Token
+    rows in `state` (an adapter folder of train.py --lora-tokens data) are put on the model first."""
+    if f"{WORDS}.ids" in state and not isinstance(model.get_submodule(WORDS), TokenRows):
+        add_token_rows(model, state[f"{WORDS}.ids"])
     own = lora_state_dict(model)
     for problem, keys in (("missing", own.keys() - state.keys()), ("unknown", state.keys() - own.keys())):
         if keys:

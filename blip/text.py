@@ -101,6 +101,11 @@ class Embedding(nn.Embedding):
         if not self.weight.is_meta:
             super().reset_parameters()
 
+    def scores(self, x: torch.Tensor, bias: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+        """(..., C) -> (..., vocab): x against every word vector, plus `bias`: the LM head's output layer is
+        this matrix (tied). (blip/lora.py TokenRows scores the same way with some rows trained.)"""
+        return linear(x, self.weight, bias, packed)
+
 
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -219,9 +224,9 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.packed = PackedWeight()  # of the word-embedding matrix, for the CPU inference path
 
-    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, words: Embedding) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
-        return linear(x, word_embeddings, self.bias, self.packed)  # (B, T, vocab)
+        return words.scores(x, self.bias, self.packed)  # (B, T, vocab), through the word embeddings (tied)
 
 
 class TextEncoder(TextTransformer):
@@ -247,7 +252,7 @@ class TextDecoder(TextTransformer):
         if image_embeds is None and cache is None:
             raise ValueError("the caption decoder reads an image: pass image_embeds or a cache made from them")
         x = super().forward(input_ids, attention_mask, image_embeds, cache)
-        return self.head(x, self.embeddings.word.weight)
+        return self.head(x, self.embeddings.word)
 
 
 def _init_weights(module: nn.Module):

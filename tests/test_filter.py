@@ -14,7 +14,7 @@ from blip.tool.data import read_splits
 
 def shapes_with_wrong_captions(root):
     """8 shape pictures, each with its own caption and, as a second row, the caption of another."""
-    shapes.main([str(root), "--train", "6", "--val", "2", "--side", "64"])
+    shapes.main([str(root), "--train", "6", "--val", "2", "--test", "0", "--side", "64"])
     truth = {}
     for split in ("train", "val"):
         path = root / split / "metadata.jsonl"

@@ -18,7 +18,7 @@ import caption
 import convert_weights
 import train
 from blip import BlipCaptioner
-from blip.checkpoint import CheckpointError, read_config
+from blip.checkpoint import CheckpointError, load_tokenizer, read_config
 from blip.lora import adapters
 from blip.tool import shapes
 from blip.tool.captioner import Captioner
@@ -160,7 +160,11 @@ def test_lora_run_keeps_adapters_alone_and_caption_py_takes_them(base, tmp_path,
     last = out / "last"
     assert not (last / "model.safetensors").exists()
     tensors = load_file(str(last / "adapter.safetensors"))
-    assert tensors and all(k.endswith((".lora_A", ".lora_B")) for k in tensors)
+    assert tensors and all(k.endswith((".lora_A", ".lora_B", ".rows", ".ids")) for k in tensors)
+    tok = load_tokenizer(init)  # --lora-tokens data: the rows of every token of the training sequences
+    texts = [json.loads(line)["text"] for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    expected = {tok.dec_id, tok.sep_id, *tok.tokens("a picture of")} | {i for t in texts for i in tok.tokens(t)}
+    assert set(tensors["text_decoder.embeddings.word.ids"].tolist()) == expected
     full = (init / "model.safetensors").stat().st_size
     assert (last / "adapter.safetensors").stat().st_size < full / 4
     assert json.loads((last / "adapter.json").read_text())["base"] == str(init.resolve())

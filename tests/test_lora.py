@@ -13,6 +13,7 @@ from blip.lora import (
     LoraConfig,
     LoRALinear,
     add_lora,
+    add_token_rows,
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
@@ -44,8 +45,9 @@ def tiny_model(tokenizer):
 def randomize_adapters(model, seed=1):
     """Adapters as after some training: B nonzero, so the update and A's gradient are not zero."""
     g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora_state_dict(model).items()}
-    load_lora_state_dict(model, state)
+    own = lora_state_dict(model)
+    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in own.items() if k.endswith((".lora_A", ".lora_B"))}
+    load_lora_state_dict(model, {**own, **state})
     return state
 
 
@@ -147,6 +149,117 @@ def test_loss_and_gradients_match_peft(tokenizer):
     for name, p in theirs.items():
         assert p.grad.abs().max() > 1e-4, name  # a gradient worth comparing
         assert torch.allclose(mine[name].grad, p.grad, atol=1e-5, rtol=0), name
+
+
+# peft 0.21 reads a property transformers 5 deprecated; nothing of ours
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:You have requested `ensure_weight_tying`:UserWarning")
+def test_token_rows_match_peft_trainable_tokens(tokenizer):
+    """LoRA plus trainable rows of the tied word embeddings (train.py --lora-tokens data) against peft's
+    LoRA with trainable_token_indices and ensure_weight_tying on HF's BLIP, the same layers, rows and
+    values: the same loss, and the same gradients for every A, B and row. peft 0.21's tied LM head
+    leaves out the head's bias (trainable_tokens/layer.py: F.linear(x, W) without it), so the bias is
+    zero here; test_token_rows_equal_autograd_on_the_rows covers it."""
+    import peft
+
+    hf = make_hf_model(tokenizer)
+    with torch.no_grad():
+        hf.text_decoder.cls.predictions.bias.zero_()
+    ours = BlipCaptioner(config_from_hf(hf.config.to_dict(), "test")).eval()
+    ours.load_state_dict(rename(hf.state_dict(), HF, OURS, "test"), strict=True)
+    pixels, ids, mask = batch(tokenizer)
+    rows = sorted(set(ids[mask.bool()].tolist()) - {tokenizer.pad_id})[::2]  # some tokens of the batch, not all
+    add_lora(ours, LoraConfig(rank=4, alpha=8.0, targets=("query", "value")))
+    add_token_rows(ours, rows)
+    state = randomize_adapters(ours)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # rows as after some training: moved away from the matrix they came from
+        ours.text_decoder.embeddings.word.rows.add_(0.1 * torch.randn(len(rows), 64, generator=g))
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                             trainable_token_indices=rows, ensure_weight_tying=True)
+    hf = peft.get_peft_model(hf, config)
+    words = hf.base_model.model.text_decoder.bert.embeddings.word_embeddings
+    delta = words.token_adapter.trainable_tokens_delta["default"]
+    mine = dict(ours.named_parameters())
+    theirs = {}
+    for name, p in hf.named_parameters():
+        if p.requires_grad and ".lora_" in name:
+            layer, lora = name.removeprefix("base_model.model.").split(".lora_")
+            (weight,) = rename({layer + ".weight": None}, HF, OURS, "test")
+            theirs[weight.removesuffix(".weight") + ".lora_" + lora.removesuffix(".default.weight")] = p
+    theirs["text_decoder.embeddings.word.rows"] = delta
+    assert sorted(theirs) == sorted(n for n, p in mine.items() if p.requires_grad)
+    assert [n for n, p in hf.named_parameters() if p.requires_grad and "trainable_tokens" in n] == \
+        ["base_model.model.text_decoder.bert.embeddings.word_embeddings.token_adapter.trainable_tokens_delta.default"]
+    with torch.no_grad():
+        for name, p in theirs.items():
+            p.copy_(mine[name])
+    labels = caption_labels(ids, mask, 0, tokenizer.dec_id)
+    loss = caption_loss(ours(pixels, ids, mask), labels)
+    ref = caption_loss(hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits, labels)
+    loss.backward()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    for name, p in theirs.items():
+        assert p.grad.abs().max() > 1e-4, name  # a gradient worth comparing
+        assert torch.allclose(mine[name].grad, p.grad, atol=1e-5, rtol=0), name
+    assert state.keys() <= set(lora_state_dict(ours))
+
+
+def test_token_rows_equal_autograd_on_the_rows(tokenizer):
+    """With the LM head's bias (which peft drops): TokenRows give the loss of the plain model, and each row's
+    gradient is that row of the gradient of the whole (tied) embedding matrix, input and head together."""
+    plain, model = tiny_model(tokenizer), tiny_model(tokenizer)
+    with torch.no_grad():
+        for m in (plain, model):
+            m.text_decoder.head.bias.copy_(torch.randn(m.text_decoder.head.bias.shape,
+                                                       generator=torch.Generator().manual_seed(4)))
+    pixels, ids, mask = batch(tokenizer)
+    rows = sorted(set(ids[mask.bool()].tolist()))[1::2]
+    add_lora(model, EVERY)
+    add_token_rows(model, rows)
+    randomize_adapters(model, seed=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() == 2 and p.shape[0] != len(rows):
+                p.zero_()  # adapters that change nothing: the model is the plain one
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    plain.text_decoder.embeddings.word.weight.requires_grad_(True)
+    labels = caption_labels(ids, mask, 0, tokenizer.dec_id)
+    for m in (plain, model):
+        caption_loss(m.eval()(pixels, ids, mask), labels).backward()
+    grad = plain.text_decoder.embeddings.word.weight.grad
+    assert grad[rows].abs().max() > 1e-4
+    assert torch.allclose(model.text_decoder.embeddings.word.rows.grad, grad[rows], atol=1e-6)
+
+
+def test_token_rows_save_load_and_merge(tokenizer):
+    """Rows go with the adapters (their ids too), load strictly onto a fresh model, and merging writes them
+    into the embedding matrix: the same logits before and after, through both the input and the head."""
+    model = tiny_model(tokenizer)
+    add_lora(model, EVERY)
+    randomize_adapters(model)
+    rows = add_token_rows(model, [5, 9, 12, 40])
+    with torch.no_grad():
+        rows.rows.add_(torch.randn(rows.rows.shape, generator=torch.Generator().manual_seed(3)))
+    pixels, ids, mask = batch(tokenizer)
+    ids[0, 1:4] = torch.tensor([5, 9, 40])  # the trained rows are read as well as scored
+    with torch.no_grad():
+        before = model.eval()(pixels, ids, mask)
+    state = lora_state_dict(model)
+    assert {k for k in state if not k.endswith((".lora_A", ".lora_B"))} == \
+        {"text_decoder.embeddings.word.rows", "text_decoder.embeddings.word.ids"}
+    fresh = tiny_model(tokenizer)
+    add_lora(fresh, EVERY)
+    load_lora_state_dict(fresh, state)
+    merge_lora(model)
+    assert type(model.text_decoder.embeddings.word).__name__ == "Embedding"
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(pixels, ids, mask), before, atol=1e-6)
+        assert torch.allclose(model(pixels, ids, mask), before, atol=1e-5)
+    merged = model.text_decoder.embeddings.word.weight[[5, 9, 12, 40]]
+    assert torch.equal(merged, state["text_decoder.embeddings.word.rows"])
 
 
 def test_only_adapters_train_and_their_weights_load_strictly(tokenizer):

@@ -19,9 +19,10 @@ GRAMMAR = re.compile(rf"(one|two) ({'|'.join(shapes.COLOURS)}) (players?) and a 
 
 def test_same_seed_same_pictures(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        pitch.main([str(tmp_path / name), "--train", "4", "--val", "2", "--side", "64", "--seed", str(seed)])
+        pitch.main([str(tmp_path / name), "--train", "4", "--val", "2", "--test", "2", "--side", "64", "--seed",
+                    str(seed)])
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 4 + 2 + 2  # pictures and a metadata.jsonl per split
+    assert len(files) == 4 + 2 + 2 + 3  # pictures and a metadata.jsonl per split
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     captions = [(tmp_path / d / "train" / "metadata.jsonl").read_text() for d in ("a", "c")]
     assert captions[0] != captions[1]
@@ -72,7 +73,7 @@ def test_captions_are_true_of_their_pictures():
 
 
 def test_read_splits_reads_it(tmp_path):
-    pitch.main([str(tmp_path / "d"), "--train", "5", "--val", "3", "--side", "64"])
+    pitch.main([str(tmp_path / "d"), "--train", "5", "--val", "3", "--test", "2", "--side", "64"])
     train, val = read_splits(tmp_path / "d")
     assert (len(train.rows), len(val.rows)) == (5, 3) and not train.problems
     rows = [json.loads(line) for line in (tmp_path / "d" / "val" / "metadata.jsonl").read_text().splitlines()]

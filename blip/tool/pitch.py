@@ -11,10 +11,10 @@ pitch the shapes model saw one "large green square" in every picture, on this li
 shirt colours and places from the start; with player sizes in the captions as well, two small
 players were read as one large one, and smaller players were counted worse.
 
-    python -m blip.tool.pitch data/pitch --train 256 --val 200
+    python -m blip.tool.pitch data/pitch --train 256 --val 200 --test 200
 
-writes `train/` and `val/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`, `text`),
-as blip/tool/shapes.py does.
+writes `train/`, `val/` and `test/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`,
+`text`), as blip/tool/shapes.py does.
 """
 
 import random
@@ -95,8 +95,9 @@ def draw(rng: random.Random, side: int = 128) -> tuple[Image.Image, str]:
 
 
 def main(argv=None) -> int:
-    return shapes.data_set_main(argv, "Write a pitch captioning data set: train/ and val/ folders of PNG pictures "
-                                "of players and a ball, with metadata.jsonl captions (count, shirt colour, place).",
+    return shapes.data_set_main(argv, "Write a pitch captioning data set: train/, val/ and test/ folders of PNG "
+                                "pictures of players and a ball, with metadata.jsonl captions (count, shirt colour, "
+                                "place).",
                                 256, draw, len(possible_captions()))
 
 

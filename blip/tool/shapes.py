@@ -5,10 +5,11 @@ It is what `make demo` trains on and what the learning tests use: the real BLIP 
 downloaded here, and a set whose every caption is exactly right shows plainly whether a captioner
 learned to read the image (colour, shape, size) and where things are in it (place).
 
-    python -m blip.tool.shapes data/shapes --train 800 --val 200
+    python -m blip.tool.shapes data/shapes --train 800 --val 200 --test 200
 
-writes `train/` and `val/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`, `text`):
-the image-folder layout that `blip/tool/data.py` reads.
+writes `train/`, `val/` and `test/` folders of PNG pictures, each with a `metadata.jsonl` (`file_name`,
+`text`): the image-folder layout that `blip/tool/data.py` reads. train.py trains on train/ and chooses its
+best/ on val/; test/ is for the numbers a run reports, which nothing was chosen on.
 """
 
 import argparse
@@ -95,26 +96,31 @@ def write_split(folder: Path, n: int, rng: random.Random, side: int, picture=Non
 
 
 def data_set_main(argv, description: str, train: int, picture, possible: int) -> int:
-    """The command line that writes a generated data set: train/ and val/ splits of `picture`'s
-    pictures (blip/tool/shapes.py's own, blip/tool/pitch.py's players), `possible` captions in all."""
+    """The command line that writes a generated data set: train/, val/ and test/ splits of `picture`'s
+    pictures (blip/tool/shapes.py's own, pitch.py's players, harbour.py's boats), `possible` captions
+    in all. val/ is what training evaluates on and keeps its best by; test/ is for reporting only."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("out", help="folder to write (train/ and val/ are made inside it)")
+    p.add_argument("out", help="folder to write (train/, val/ and test/ are made inside it)")
     p.add_argument("--train", type=int, default=train, help=f"training pictures (default: {train})")
-    p.add_argument("--val", type=int, default=200, help="held-out pictures (default: 200)")
+    p.add_argument("--val", type=int, default=200, help="validation pictures: train.py evaluates on them and keeps\n"
+                   "its best/ by them (default: 200)")
+    p.add_argument("--test", type=int, default=200, help="test pictures, which no run trains or chooses on: the\n"
+                   "numbers to report (default: 200)")
     p.add_argument("--side", type=int, default=128, help="picture side in pixels (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same pictures")
     args = p.parse_args(argv)
     out = Path(args.out)
     rng = random.Random(args.seed)
-    write_split(out / "train", args.train, rng, args.side, picture)
-    write_split(out / "val", args.val, rng, args.side, picture)
-    print(f"wrote {args.train} training and {args.val} held-out pictures to {out} ({possible} possible captions)")
+    for split, n in (("train", args.train), ("val", args.val), ("test", args.test)):  # test/ last: the others
+        write_split(out / split, n, rng, args.side, picture)  # are the same pictures with or without it
+    print(f"wrote {args.train} training, {args.val} validation and {args.test} test pictures to {out} "
+          f"({possible} possible captions)")
     return 0
 
 
 def main(argv=None) -> int:
-    return data_set_main(argv, "Write a shapes captioning data set: train/ and val/ folders of PNG pictures with "
-                         "metadata.jsonl captions (size, colour, shape, place).", 800, draw,
+    return data_set_main(argv, "Write a shapes captioning data set: train/, val/ and test/ folders of PNG pictures "
+                         "with metadata.jsonl captions (size, colour, shape, place).", 800, draw,
                          len(SIZES) * len(COLOURS) * len(SHAPES) * 9)
 
 
