@@ -32,15 +32,17 @@ tokens of the whole batch, so splitting changes memory and speed, not the result
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,7 +67,6 @@ from blip.checkpoint import (
     weights_sha256,
 )
 from blip.config import BlipConfig, GenerationConfig
-from blip.decoding import DecodeConfig, generate_from
 from blip.lora import ATTENTION as LORA_TARGETS
 from blip.lora import (
     TEXT_LAYERS,
@@ -81,39 +82,42 @@ from blip.model import IGNORE, BlipCaptioner, caption_labels, caption_loss
 from blip.speed import recompute
 from blip.speed.memory import keep_freed_memory
 from blip.tokenizer import Tokenizer
+from blip.tool import plan
 from blip.tool.captioner import cpu_has_bf16
 from blip.tool.data import (
+    HANDFUL,
     MAX_WORDS,
     Collate,
     DataError,
-    EvalSet,
     Split,
     TrainSet,
     check_images,
     clean_caption,
     epoch_order,
     read_eval_set,
+    read_replay_set,
     read_splits,
 )
-from blip.tool.metrics import caption_scores
+from blip.tool.evaluate import GALLERY, Evaluator, scores_line
 from blip.tool.report import thumbnail, write_report
 from blip.tool.token_cache import ImageTokens
 
 DEFAULT_INIT = "checkpoints/blip-base"
-# defaults that depend on where the weights come from: BLIP's fine-tuning recipe for pretrained
-# weights; for random weights, what the shapes demo measured (docs/training.md, From scratch):
-# a ViT trained at the decoder's rate, or on cropped pictures, learns colour and place but not shape
+# what the flags leave open, by where the weights come from (a small set fine-tuned: blip/tool/plan.py).
+# Pretrained weights on a large set: BLIP's COCO recipe. Random weights: what the shapes demo measured
+# (docs/training.md, From scratch): a ViT trained at the decoder's rate, or on cropped pictures, learns
+# colour and place but not shape
 RECIPE = {
-    "pretrained": {"lr": 1e-5, "vision_lr_scale": 1.0, "augment": "blip"},
-    "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip"},
+    "pretrained": {"vision_lr_scale": 1.0, "augment": "blip", "batch_size": 32, "epochs": 5, "patience": 0},
+    "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip", "batch_size": 32, "epochs": 5, "patience": 0},
 }
 # what --resume cannot change: the model, what trains and how, the data and its order. Anything else
 # (learning rate, steps, intervals, patience, precision, workers, device) may change.
-FIXED_ON_RESUME = ("data", "val_fraction", "seed", "init", "preset", "tokenizer", "vocab_size", "prompt",
-                   "batch_size", "augment", "dropout", "label_smoothing", "weight_decay", "vision_lr_scale",
-                   "freeze_vision", "cache_image_tokens", "lora", "lora_alpha", "lora_targets", "lora_tokens")
+FIXED_ON_RESUME = ("data", "replay", "replay_fraction", "val_fraction", "seed", "init", "preset", "tokenizer",
+                   "vocab_size", "prompt", "batch_size", "augment", "dropout", "label_smoothing", "weight_decay",
+                   "vision_lr_scale", "freeze_vision", "cache_image_tokens", "lora", "lora_alpha", "lora_targets",
+                   "lora_tokens")
 TEXT_LORA_TARGETS = tuple(t for t in LORA_TARGETS if not reaches_vision(t))  # the default with --freeze-vision
-GALLERY = 8  # validation images shown per evaluation in report.html
 CPU_BF16_MIN_PARAMS = 100_000_000  # --amp auto on CPU: bf16 pays once matrix products dominate (docs/training.md)
 
 
@@ -130,17 +134,23 @@ def add_data_flags(a):
     a("--data", metavar="DIR", help="data folder: metadata.jsonl/csv, COCO .json, parquet snapshot or .txt sidecars;\n"
       "train/ and val/ sub-folders are the splits when present")
     a("--out", metavar="DIR", help="where checkpoints, metrics.jsonl and report.html go (default: runs/<data name>)")
-    a("--val-fraction", type=float, default=0.1, help="without a val/ split: fraction of images held out "
-      "(default: 0.1)")
+    a("--val-fraction", type=float, metavar="F", help="without a val/ split: fraction of images held out (default:\n"
+      f"0.1; none of fewer than {HANDFUL} pictures, which then all train and the last weights are kept)")
     a("--eval-data", action="append", metavar="DIR", default=[],
       help="another validation set (its val/ split, or the whole folder), evaluated with\n"
       "the first; its metrics go into metrics.jsonl and report.html (repeatable: forgetting shows)")
+    a("--replay", action="append", metavar="DIR", default=[],
+      help="pictures of what the model knew (a data folder's train/, or all of it), mixed into\n"
+      "every batch so that fine-tuning forgets less (repeatable; docs/training.md makes one\n"
+      "from any pictures with the starting model's own captions)")
+    a("--replay-fraction", type=float, default=0.25, metavar="F", help="with --replay: the share of every batch "
+      "that comes from the replay sets\n(default: 0.25)")
     a("--skip-bad", action="store_true", help="train on the good rows when some are bad, instead of stopping")
     a("--prompt", default="a picture of ", help="text every caption starts with; not a target of the loss\n"
       "(default: 'a picture of ')")
     a("--augment", choices=["blip", "flip", "none"],
-      help="blip: random resized crop, flip, RandAugment (default fine-tuning); flip: flips only\n"
-      "(default from scratch); none")
+      help="blip: random resized crop, flip, RandAugment (BLIP's; the default fine-tuning a large\n"
+      "set); flip: flips only (the default otherwise); none")
 
 
 def add_model_flags(a):
@@ -171,15 +181,16 @@ def add_model_flags(a):
 
 
 def add_optimizer_flags(a):
-    a("--epochs", type=int, default=5, help="passes over the training captions (default: 5, as BLIP on COCO)")
+    a("--epochs", type=int, help="passes over the training captions (default: 5, as BLIP on COCO; a small set\n"
+      "fine-tuned gets a number of steps from its size instead: blip/tool/plan.py)")
     a("--max-steps", type=int, help="stop after this many optimizer steps (the schedule ends there too)")
-    a("--batch-size", type=int, default=32, help="(image, caption) pairs per optimizer step, all processes\n"
-      "together (default: 32)")
+    a("--batch-size", type=int, help="(image, caption) pairs per optimizer step, all processes together\n"
+      f"(default: 32; {plan.BATCH} for a small set fine-tuned)")
     a("--grad-accum", type=int, default=1, help="split each batch into this many micro-batches, to save memory")
-    a("--lr", type=float, help=f"peak learning rate (default: {RECIPE['pretrained']['lr']:g} fine-tuning, "
+    a("--lr", type=float, help="peak learning rate (default: for the model's width and the batch, blip/tool/plan.py;\n"
       f"{RECIPE['scratch']['lr']:g} from scratch)")
-    a("--vision-lr-scale", type=float, help="the ViT learns at lr times this (default: 1 fine-tuning, 0.1 from "
-      "scratch)")
+    a("--vision-lr-scale", type=float, help=f"the ViT learns at lr times this (default: {plan.VISION_LR_SCALE:g} for a "
+      "small set,\n1 for a large one, 0.1 from scratch)")
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, embeddings "
       "(default: 0.05)")
     a("--warmup", type=float, default=0.05, help="fraction of the steps with a linear warm-up; cosine decay to 0\n"
@@ -205,7 +216,8 @@ def add_speed_flags(a):
 
 def add_run_flags(a):
     a("--seed", type=int, default=0, help="seed for initialisation, data order, augmentation and the split")
-    a("--eval-every", type=int, default=0, help="evaluate every N steps (default: 0, at the end of every epoch)")
+    a("--eval-every", type=int, help="evaluate every N steps (default: every epoch; a tenth of the steps for a\n"
+      "small set fine-tuned)")
     a("--save-every", type=int, default=0, help="write OUT/last/ every N steps (default: 0, with every evaluation)")
     a("--log-every", type=int, default=10, help="write a metrics line every N steps (default: 10)")
     a("--num-beams", type=int, default=3, help="beam width of the evaluation captions, saved as the checkpoint's\n"
@@ -214,8 +226,8 @@ def add_run_flags(a):
       "checkpoint's default (default: the longest training caption plus a quarter, at least 20)")
     a("--min-new-tokens", type=int, metavar="N", help="shortest evaluation caption in tokens, saved likewise\n"
       "(default: 5, or the shortest training caption's length when shorter)")
-    a("--patience", type=int, default=0, metavar="N", help="stop after N evaluations without a better CIDEr-D\n"
-      "(best/ keeps the best; default: 0, never)")
+    a("--patience", type=int, metavar="N", help="stop after N evaluations without a better CIDEr-D\n"
+      f"(best/ keeps the best; default: {plan.PATIENCE} for a small set fine-tuned, else 0: never)")
     a("--resume", action="store_true", help="continue the run in --out from OUT/last/ with its saved settings;\n"
       "learning rate, steps, intervals, patience, precision, workers and device may be\n"
       "given anew, the model, what trains and the data may not")
@@ -255,9 +267,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.resume = True
     if args.data is None:
         p.error("--data is required")
-    for name, value in RECIPE["scratch" if args.init == "scratch" else "pretrained"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     if args.out is None:
         args.out = str(Path("runs") / Path(args.data).resolve().name)
     for name in FIXED_ON_RESUME if saved else ():
@@ -281,16 +290,20 @@ def same_setting(name: str, a, b) -> bool:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     """Refuse (as usage errors) settings that do not go together; resolve the LoRA ones."""
-    for name in ("epochs", "batch_size", "grad_accum", "num_beams", "log_every"):
+    for name in ("grad_accum", "num_beams", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_new_tokens", "lora", "max_steps"):
+    for name in ("epochs", "batch_size", "max_new_tokens", "lora", "max_steps", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.min_new_tokens is not None and args.min_new_tokens < 0 or args.patience < 0:
+    if args.min_new_tokens is not None and args.min_new_tokens < 0 or (args.patience or 0) < 0:
         p.error("--min-new-tokens and --patience must not be negative")
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
     if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.dropout < 1:
         p.error("--warmup, --label-smoothing and --dropout must be in [0, 1)")
+    if not 0 <= args.replay_fraction < 1:
+        p.error("--replay-fraction must be in [0, 1)")
     if args.cache_image_tokens and not args.freeze_vision:
         p.error("--cache-image-tokens needs --freeze-vision: tokens of a ViT that learns change every step")
     if args.cache_image_tokens and args.augment == "blip":
@@ -405,6 +418,8 @@ class Data:
     train: Split
     val: Split
     extra: dict[str, Split]  # --eval-data sets by name
+    replay: Split  # --replay sets, together
+    keep_last: bool = False  # no pictures held out: val is the training pictures, best/ the last weights
 
 
 def eval_set_names(folders: list[str]) -> dict[str, str]:
@@ -422,14 +437,19 @@ def read_data(args, procs: Processes) -> Data:
     try:
         train_split, val_split = read_splits(args.data, args.val_fraction, args.seed)
         extra = {name: read_eval_set(d) for name, d in eval_set_names(args.eval_data).items()}
+        replay = Split()
+        for folder in args.replay:
+            one = read_replay_set(folder)
+            replay.rows += one.rows
+            replay.problems += one.problems
     except DataError as e:
         raise TrainError(str(e)) from None
-    n_images = len(train_split.rows) + len(val_split.rows) + sum(len(s.rows) for s in extra.values())
+    n_images = sum(len(s.rows) for s in (train_split, val_split, replay, *extra.values()))
     with tqdm(total=n_images, desc="checking images", unit="image", disable=not procs.master or n_images < 100,
               file=sys.stderr) as bar:
         data = Data(check_images(train_split, bar), check_images(val_split, bar),
-                    {name: check_images(split, bar) for name, split in extra.items()})
-    problems = [p for split in (data.train, data.val, *data.extra.values()) for p in split.problems]
+                    {name: check_images(split, bar) for name, split in extra.items()}, check_images(replay, bar))
+    problems = [p for split in (data.train, data.val, data.replay, *data.extra.values()) for p in split.problems]
     if problems:
         for problem in problems:
             procs.log(f"bad row: {problem}")
@@ -437,12 +457,17 @@ def read_data(args, procs: Processes) -> Data:
             raise TrainError(f"{len(problems)} bad row(s) in {args.data} (listed above); fix them, or pass --skip-bad "
                              "to train on the rest")
         procs.log(f"--skip-bad: dropped {len(problems)} bad row(s), training on the rest")
-    if not data.train.rows or not data.val.rows:
-        raise TrainError(f"{args.data}: need at least one training and one validation image, "
-                         f"have {len(data.train.rows)} and {len(data.val.rows)}")
+    if not data.train.rows:
+        raise TrainError(f"{args.data}: no pictures to train on")
+    if not data.val.rows:  # none held out (a handful of pictures, or --val-fraction 0): evaluate on the training
+        data.val, data.keep_last = Split(rows=data.train.rows), True  # pictures, and keep the last weights
+    if args.val_fraction is None:  # saved as it ran
+        args.val_fraction = 0.0 if data.keep_last else 0.1
     empty = [name for name, split in data.extra.items() if not split.rows]
     if empty:
         raise TrainError(f"--eval-data {empty[0]}: no images to evaluate on")
+    if args.replay and not data.replay.rows:
+        raise TrainError(f"--replay {' '.join(args.replay)}: no pictures to replay")
     return data
 
 
@@ -519,7 +544,8 @@ def build_model(args, procs: Processes, data: Data) -> Setup:
         model = BlipCaptioner(config) if init is None else BlipCaptioner.from_pretrained(init, config=config)
     except (CheckpointError, ValueError) as e:
         raise TrainError(str(e)) from None
-    adapter = choose_trainable(args, model, init, caption_token_ids(data.train.rows, tokenizer, args.prompt)
+    adapter = choose_trainable(args, model, init, caption_token_ids(data.train.rows + data.replay.rows, tokenizer,
+                                                                    args.prompt)
                                if args.lora and args.lora_tokens == "data" and not args.resume else [])
     model.to(procs.device).train()
     model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, procs.device))
@@ -573,6 +599,32 @@ def param_groups(model, weight_decay: float, vision_lr_scale: float = 1.0) -> li
             for (vision, decay), params in groups.items() if params]
 
 
+# --- plan: what the flags leave to the data (blip/tool/plan.py) ------------------------------------------------
+def plan_run(args, data: Data, setup: Setup) -> bool:
+    """Fill in the settings the flags left open, from the data and the model, in `args` (so that the log
+    and last/ say what ran). True for the small-set plan: pretrained weights, fewer than plan.SMALL_SET
+    captions."""
+    n = sum(len(row.captions) for row in data.train.rows)
+    small = args.init != "scratch" and n < plan.SMALL_SET
+    width, batch = setup.config.text.width, args.batch_size
+    if small:
+        batch = batch or min(plan.BATCH, n)
+        steps = args.max_steps or (plan.small_set_steps(n, batch) if args.epochs is None else None)
+        chosen = {"lr": plan.small_set_lr(width, batch), "max_steps": steps, "patience": 0 if data.keep_last
+                  else plan.PATIENCE, "eval_every": max(1, steps // 10) if steps else None,
+                  "vision_lr_scale": plan.VISION_LR_SCALE, "augment": "flip"}
+    elif args.init != "scratch":  # BLIP's rate, at this width and batch
+        batch = batch or RECIPE["pretrained"]["batch_size"]
+        chosen = {"lr": plan.BLIP_LR * plan.BLIP_WIDTH / width * math.sqrt(batch / plan.BLIP_BATCH)}
+    else:
+        chosen = {}
+    recipe = RECIPE["scratch" if args.init == "scratch" else "pretrained"]
+    for name, value in [*chosen.items(), ("batch_size", batch), *recipe.items()]:
+        if getattr(args, name) is None and not (name == "epochs" and args.max_steps):  # the flags win
+            setattr(args, name, value)
+    return small
+
+
 # --- precision ------------------------------------------------------------------------------------------------
 @dataclass
 class Precision:
@@ -614,31 +666,50 @@ class Batch:
 
 class Batches:
     """The run's batches: `batch` pairs per optimizer step in a seeded order, each cut into --grad-accum
-    micro-batches and those into one part per process. An epoch is one pass over the training captions."""
+    micro-batches and those into one part per process. An epoch is one pass over the training captions.
+    With --replay, `replayed` of the `batch` pairs come from the replay sets, in a seeded order of their own."""
 
     def __init__(self, args, procs: Processes, setup: Setup, data: Data):
         self.args, self.procs, self.setup = args, procs, setup
-        self.train_set = TrainSet(data.train.rows, setup.config.vision.image_size, args.prompt, args.augment,
-                                  cached=args.cache_image_tokens)
-        self.batch = min(args.batch_size, len(self.train_set))
+        # the replay sets' pairs come after the training pairs: indices n_train and on
+        self.train_set = TrainSet(data.train.rows + data.replay.rows, setup.config.vision.image_size, args.prompt,
+                                  args.augment, cached=args.cache_image_tokens)
+        self.n_replay = sum(len(row.captions) for row in data.replay.rows)
+        self.n_train = len(self.train_set) - self.n_replay
+        self.replayed = round(args.replay_fraction * args.batch_size) if self.n_replay else 0
+        self.batch = min(args.batch_size - self.replayed, self.n_train) + self.replayed
         if self.batch < args.grad_accum * procs.world:
             raise TrainError(f"a batch of {self.batch} pairs cannot be split into {args.grad_accum} micro-batches on "
                              f"{procs.world} process(es)")
-        self.steps_per_epoch = len(self.train_set) // self.batch
+        self.steps_per_epoch = self.n_train // (self.batch - self.replayed)
         self.total = args.epochs * self.steps_per_epoch if args.max_steps is None else args.max_steps
         self.collate = Collate(setup.tokenizer, setup.max_tokens)
         self.workers = args.workers if args.workers is not None else (6 if procs.device.type == "cuda" else 0)
         self.image_tokens = None  # --cache-image-tokens: ImageTokens, set by cache_image_tokens
+        self.replay_order = (None, [])  # (pass, its order) of the replay pass being read
 
     def samples(self, step: int):
         """This process's micro-batches from optimizer step `step` on: lists of (pair, seed)."""
-        epoch = step // self.steps_per_epoch
+        epoch, fresh = step // self.steps_per_epoch, self.batch - self.replayed
         while True:
-            order = epoch_order(len(self.train_set), epoch, self.args.seed)
+            order = epoch_order(self.n_train, epoch, self.args.seed)
             for b in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
-                for micro in split_batch(order[b * self.batch : (b + 1) * self.batch], self.args.grad_accum):
+                batch = order[b * fresh : (b + 1) * fresh] + self.replay_part(epoch * self.steps_per_epoch + b)
+                for micro in split_batch(batch, self.args.grad_accum):
                     yield split_batch(micro, self.procs.world)[self.procs.rank]
             epoch, step = epoch + 1, (epoch + 1) * self.steps_per_epoch
+
+    def replay_part(self, step: int) -> list:
+        """The replay pairs of optimizer step `step`: the next `replayed` of an endless sequence of seeded
+        passes over the replay sets."""
+        part = []
+        for position in range(step * self.replayed, (step + 1) * self.replayed):
+            epoch, i = divmod(position, self.n_replay)
+            if self.replay_order[0] != epoch:  # a stream of its own (seed + 1), not the training pairs'
+                self.replay_order = (epoch, epoch_order(self.n_replay, epoch, self.args.seed + 1))
+            pair, seed = self.replay_order[1][i]
+            part.append((self.n_train + pair, seed))
+        return part
 
     def from_step(self, step: int):
         """Each optimizer step's micro-batches (a list of Batch), from `step` on."""
@@ -707,44 +778,6 @@ def train_step(model, micro: list[Batch], optimizer, precision: Precision, args,
 
 
 # --- the run: evaluation, checkpoints, metrics, report -------------------------------------------------------------
-class Evaluator:
-    """Validation loss and beam-search captions of a set of rows, scored (BLEU-4, CIDEr-D, exact) against
-    their captions, with the decoding defaults the checkpoint will carry."""
-
-    def __init__(self, setup: Setup, batches: Batches, precision: Precision, device: torch.device):
-        self.setup, self.batches, self.precision, self.device = setup, batches, precision, device
-        self.decode = DecodeConfig(**asdict(setup.config.generation))
-
-    @torch.no_grad()
-    def __call__(self, rows) -> dict:
-        model, tokenizer, config = self.setup.model, self.setup.tokenizer, self.setup.config
-        model.eval()
-        loader = torch.utils.data.DataLoader(EvalSet(rows, config.vision.image_size, config.prompt),
-                                             batch_size=self.batches.batch, collate_fn=self.batches.collate,
-                                             num_workers=self.batches.workers, generator=torch.Generator())
-        loss_sum, n_tokens, predictions = 0.0, 0, []
-        prompt_ids = tokenizer.encode_prompt(config.prompt)
-        for pixels, ids, mask in loader:
-            pixels, ids, mask = pixels.to(self.device), ids.to(self.device), mask.to(self.device)
-            with self.precision.autocast():
-                image = model.encode_image(pixels)  # once, for the loss and for the captions
-                labels = caption_labels(ids, mask, self.setup.prompt_length, config.text.bos_token_id)
-                loss_sum += caption_loss(model.text_decoder(ids, mask, image), labels, 0.0, "sum").item()
-                n_tokens += int((labels[:, 1:] != IGNORE).sum())
-                new = generate_from(model, image, prompt_ids, self.decode)
-            predictions += [tokenizer.decode(i) for i in new]
-        model.train()
-        references = [row.captions for row in rows]
-        scores = caption_scores(predictions, references)
-        shown = [{"prediction": p, "references": r} for p, r in zip(predictions[:GALLERY], references, strict=False)]
-        return {"val_loss": loss_sum / max(1, n_tokens), **scores, "gallery": shown}
-
-
-def scores_line(result: dict) -> str:
-    return (f"val loss {result['val_loss']:.3f}, BLEU-4 {result['bleu4']:.3f}, CIDEr-D {result['cider']:.3f}, "
-            f"exact {result['exact']:.1%}")
-
-
 @contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: a checkpoint is written
@@ -773,7 +806,8 @@ class Run:
         self.args, self.procs, self.setup, self.data = args, procs, setup, data
         self.batches, self.optimizer, self.precision = batches, optimizer, precision
         self.out = Path(args.out)
-        self.evaluator = Evaluator(setup, batches, precision, procs.device)
+        self.evaluator = Evaluator(setup.model, setup.tokenizer, batches.collate, batches.batch, batches.workers,
+                                   procs.device, precision.autocast)
         self.step, self.best, self.stale = 0, None, 0  # stale: evaluations since the best one
         self.records, self.gallery, self.losses = [], [], []  # losses: (loss, nll) of the steps since the last log
         self.t0, self.paused, self.pairs_seen = time.perf_counter(), 0.0, 0  # paused: evaluating and saving
@@ -836,7 +870,7 @@ class Run:
         if self.procs.master:
             result = self.evaluator(self.data.val.rows)
             others = {name: self.evaluator(split.rows) for name, split in self.data.extra.items()}
-            improved = self.best is None or result["cider"] > self.best
+            improved = self.best is None or result["cider"] > self.best or self.data.keep_last
             entry = {"type": "eval", "step": self.step, "epoch": round(self.step / self.batches.steps_per_epoch, 3),
                      **result}
             if others:
@@ -899,18 +933,68 @@ class Run:
         say(f"checkpoints: {self.out / 'best'} and {self.out / 'last'}; report: {self.out / 'report.html'}")
 
 
-def describe(args, procs: Processes, setup: Setup, data: Data, batches: Batches, precision: Precision) -> str:
-    """The run in one line: what trains, on what, how long, at what rate, where it goes."""
-    model, generation = setup.model, setup.config.generation
+def probe_step(model, micro: list[Batch], precision: Precision, device: torch.device) -> tuple[float, float]:
+    """One step's forward and backward, timed, and kept nowhere: (seconds a step takes, peak memory in GB: the
+    GPU's, or on the CPU the process's). The random streams are put back and the gradients dropped, so that
+    the run goes on as it would have without it."""
+    cpu_rng, cuda = torch.get_rng_state(), device.type == "cuda"
+    cuda_rng = torch.cuda.get_rng_state(device) if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        for b in micro:
+            with precision.autocast():
+                caption_loss(model(b.pixels, b.ids, b.mask, image_embeds=b.image_tokens), b.labels, 0.0).backward()
+        if cuda:
+            torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        total = torch.cuda.get_device_properties(device).total_memory / 1e9
+        raise TrainError(f"a micro-batch of {len(micro[0].ids)} pairs does not fit in the GPU's {total:.0f} GB: add "
+                         "--grad-accum 2 (or more), or --grad-checkpointing") from None
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1e3
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(cpu_rng)
+    if cuda:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return seconds, peak / 1e9
+
+
+def describe(args, procs: Processes, setup: Setup, data: Data, batches: Batches, precision: Precision,
+             small: bool, probed: tuple[float, float]) -> str:
+    """The plan in plain words: what trains, on which pictures, how long and at what rate, what it is
+    evaluated on and kept by, and what a step costs here."""
+    model, generation, (seconds, peak) = setup.model, setup.config.generation, probed
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = (f"training {trainable / 1e6:.2f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+            f"parameters{f' (LoRA rank {args.lora})' if args.lora else ''} of {args.init} on {procs.device} "
+            f"({precision.amp if precision.amp != 'off' else 'fp32'})")
+    pictures = (f"{batches.n_train} captions of {len(data.train.rows)} pictures in {args.data}"
+                + (f", and {batches.n_replay} of {len(data.replay.rows)} replayed ({batches.replayed} a step)"
+                   if batches.n_replay else ""))
+    passes = batches.total * (batches.batch - batches.replayed) / batches.n_train
+    steps = (f"{batches.total} steps of {batches.batch} pairs ({passes:.0f} passes"
+             f"{', the budget of a small set: blip/tool/plan.py' if small else ''}), "
+             f"learning rate {args.lr:.3g} (the ViT at {args.vision_lr_scale:g} of it), augment {args.augment}")
+    if data.keep_last:
+        judged = (f"evaluated on the training pictures themselves (fewer than {HANDFUL}: none held out), "
+                  "the last weights kept")
+    else:
+        judged = (f"evaluated every {args.eval_every or batches.steps_per_epoch} steps on {len(data.val.rows)} "
+                  "held-out pictures, the best kept in best/"
+                  + (f", stopping after {args.patience} evaluations without a better CIDEr-D" if args.patience else ""))
+    hint = ""
+    if procs.device.type == "cuda" and peak > 0.85 * torch.cuda.get_device_properties(procs.device).total_memory / 1e9:
+        hint = f" (near the GPU's memory: --grad-accum {2 * args.grad_accum} halves what a step holds)"
+    total = batches.total * seconds
+    how_long = f"{total:.0f} s" if total < 120 else f"{total / 60:.0f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    cost = (f"a step takes about {seconds:.2g} s here: about {how_long} of training (evaluations aside); peak memory "
+            f"about {peak:.1f} GB{hint}")
     shortest, longest = setup.caption_tokens
-    return (f"training {trainable / 1e6:.2f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
-            f"{f' (LoRA rank {args.lora})' if args.lora else ''} on {procs.device} ({precision.amp}), "
-            f"{len(batches.train_set)} pairs from {len(data.train.rows)} images, {len(data.val.rows)} held out; "
-            f"{batches.total} steps of {batches.batch} pairs, lr {args.lr:g} (ViT x{args.vision_lr_scale:g}), "
-            f"augment {args.augment}; captions of {shortest}-{longest} tokens (evaluated with beam "
-            f"{generation.num_beams}, {generation.min_new_tokens}-{generation.max_new_tokens} new tokens); "
-            f"writing to {args.out}")
+    lengths = (f"captions of {shortest}-{longest} tokens, evaluated with beam {generation.num_beams} and "
+               f"{generation.min_new_tokens}-{generation.max_new_tokens} new tokens; writing to {args.out}")
+    return "\n  ".join(["plan: " + what, pictures, steps, judged, cost, lengths])
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
@@ -958,6 +1042,7 @@ def main(argv=None) -> int:
         claim_output(args)
         data = read_data(args, procs)
         setup = build_model(args, procs, data)
+        small = plan_run(args, data, setup)
         batches = Batches(args, procs, setup, data)
         # fused: one kernel for all of a step's updates, on CPU as on CUDA (4-5x PyTorch's per-tensor loop on CPU)
         optimizer = torch.optim.AdamW(param_groups(setup.model, args.weight_decay, args.vision_lr_scale),
@@ -970,8 +1055,11 @@ def main(argv=None) -> int:
         if procs.distributed:
             ids = [procs.device.index] if procs.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        procs.log(describe(args, procs, setup, data, batches, precision))
-        return train_loop(run, model, batches.from_step(run.step), optimizer, precision, args, procs)
+        steps = batches.from_step(run.step)
+        first = next(steps)  # measured once here, then trained on
+        procs.log(describe(args, procs, setup, data, batches, precision, small,
+                           probe_step(setup.model, first, precision, procs.device)))
+        return train_loop(run, model, itertools.chain([first], steps), optimizer, precision, args, procs)
     except TrainError as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every process stops; one says why
             say(f"error: {e}")

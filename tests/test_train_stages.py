@@ -19,6 +19,7 @@ import train
 from blip import BlipCaptioner
 from blip.checkpoint import load_training_state, read_evaluation
 from blip.tool import shapes
+from blip.tool.evaluate import Evaluator
 
 REFERENCE = Path(__file__).parent / "data" / "train_reference.json"
 PROMPT = "a picture of "
@@ -107,9 +108,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def trainable_line(err: str) -> tuple[float, float]:
-    line = next(line for line in err.splitlines() if line.startswith("training "))
-    words = line.split()
-    return float(words[1]), float(words[4])  # "training 1.23 M of 1.2 M parameters"
+    words = err.split("training ", 1)[1].split()
+    return float(words[0]), float(words[3])  # "plan: training 1.23 M of 1.2 M parameters"
 
 
 def test_init_from_a_lora_run_trains_every_weight(trained, tmp_path, capsys):
@@ -225,10 +225,7 @@ def check_checkpoints(out: Path, run, before: dict):
     if (out / "best").is_dir():
         recorded = read_evaluation(out / "best")
         model = BlipCaptioner.from_pretrained(out / "best").train()
-        from dataclasses import replace
-
-        again = train.Evaluator(replace(run.setup, model=model), run.batches, run.precision, run.procs.device)(
-            run.data.val.rows)
+        again = Evaluator(model, run.setup.tokenizer, run.batches.collate, run.batches.batch)(run.data.val.rows)
         assert again["val_loss"] == pytest.approx(recorded["val_loss"], rel=1e-6)
         assert again["cider"] == pytest.approx(recorded["cider"], abs=1e-9)
     if (out / "last").is_dir():

@@ -28,6 +28,7 @@ from PIL import Image
 from ..image import IMAGE_SUFFIXES, ImageError, TrainTransform, eval_transform, flip_caption, load_image
 
 VAL_NAMES = ("val", "validation", "valid")
+HANDFUL = 20  # fewer pictures than this, and no --val-fraction: none held out (blip/tool/plan.py)
 MAX_WORDS = 30  # BLIP truncates training captions to 30 words
 
 
@@ -240,9 +241,10 @@ def read_sidecars(folder: Path, images: list[Path]) -> Split:
 
 
 # --- the whole data set ---------------------------------------------------------------------------
-def read_splits(root, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
+def read_splits(root, val_fraction: float | None = None, seed: int = 0) -> tuple[Split, Split]:
     """(train, val) of a data folder. Without split folders (or split parquet files), a seeded
-    `val_fraction` of the images is held out: captions of one image never land in both."""
+    `val_fraction` of the images is held out (captions of one image never land in both): by default 10%,
+    and none of fewer than HANDFUL pictures (val is then empty: see blip/tool/plan.py)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
@@ -271,7 +273,20 @@ def read_eval_set(folder) -> Split:
     return read_folder(val_dir or folder)
 
 
-def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def read_replay_set(folder) -> Split:
+    """Pictures of what a model knew, mixed into fine-tuning's batches (train.py --replay): a data folder's
+    train/ split when it has one, else all of the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    return read_folder(folder / "train" if (folder / "train").is_dir() else folder)
+
+
+def hold_out(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:
+    if fraction is None:
+        fraction = 0.0 if len(split.rows) < HANDFUL else 0.1
+    if fraction == 0:
+        return split, Split()
     rows = list(split.rows)
     random.Random(seed).shuffle(rows)
     n_val = min(max(1, round(len(rows) * fraction)), len(rows) - 1) if len(rows) > 1 else 0

@@ -1,0 +1,90 @@
+"""Blend a fine-tuned model with the one it started from, to keep what that one knew (blip/tool/blend.py).
+
+    python blend.py runs/football                       # the run's best/ against its --init, a = 0, 0.25, ..., 1
+    python blend.py runs/football --keep 0.9            # the best on the new pictures that keeps 90% of the old
+    python blend.py runs/football --alphas 0 0.5 0.6 0.7 1 --alpha 0.6 --out checkpoints/football-0.6
+
+For each a, the weights (1 - a) * start + a * tuned are evaluated on the run's validation set and on every
+--eval-data set it had (the pictures of what the model knew; more can be given here), and the curve is
+printed. The chosen blend is written as a checkpoint folder (by default RUN/blend/) that caption.py takes,
+with its scores and the whole curve in evaluation.json.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from blip.checkpoint import CheckpointError, load_training_state, save_evaluation
+from blip.tool.blend import Blender, choose
+from blip.tool.data import Collate, DataError, check_images, read_eval_set
+from blip.tool.evaluate import Evaluator
+from blip.tool.plan import validation_rows
+
+
+def blend_run(start: Path, tuned: Path, val, extra: dict, alphas: list[float], keep: float | None,
+              alpha: float | None, out: Path, batch: int = 16, say=print) -> dict:
+    """Evaluate the blends of `start` and `tuned` at `alphas` on `val` rows and each `extra` set's rows, write
+    the chosen one (`alpha`, else by `keep`: blend.choose) to `out`; returns its curve entry."""
+    blender = Blender(start, tuned)
+    everything = [r for rows in (val, *extra.values()) for r in rows]
+    longest = max(len(blender.tokenizer.encode_caption(c)) for r in everything for c in r.captions)
+    prompt = len(blender.tokenizer.tokens(blender.model.config.prompt))
+    evaluate = Evaluator(blender.model, blender.tokenizer, Collate(blender.tokenizer, longest + prompt), batch)
+    curve = []
+    say(f"{'a':>5}  {'validation':>24}" + "".join(f"  {name[:24]:>24}" for name in extra))
+    for a in alphas:
+        blender.set(a)
+        scores = {name: {k: v for k, v in evaluate(rows).items() if k != "gallery"}
+                  for name, rows in {"validation": val, **extra}.items()}
+        curve.append({"alpha": a, "val": scores.pop("validation"), "eval_sets": scores})
+        say(f"{a:5.2f}" + "".join(f"  {s['cider']:10.3f} CIDEr-D {s['exact']:6.1%}"
+                                  for s in (curve[-1]["val"], *scores.values())))
+    chosen = next(r for r in curve if r["alpha"] == alpha) if alpha is not None else choose(curve, keep)
+    blender.set(chosen["alpha"])
+    blender.save(out)
+    save_evaluation(out, {**chosen, "start": str(start), "tuned": str(tuned), "curve": curve})
+    say(f"a = {chosen['alpha']:g}" + (f" (the best on the validation set keeping {keep:g} of the start's CIDEr-D on "
+                                      f"{', '.join(extra)})" if keep and alpha is None else "") + f": wrote {out}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a train.py run folder (its last/ says what it trained on and from)")
+    p.add_argument("--start", metavar="DIR", help="the checkpoint it started from (default: the run's --init)")
+    p.add_argument("--tuned", metavar="DIR", help="the fine-tuned checkpoint (default: RUN/best)")
+    p.add_argument("--eval-data", action="append", metavar="DIR", default=[],
+                   help="pictures of what the start knew, besides the run's own --eval-data sets (repeatable)")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0, 0.25, 0.5, 0.75, 1.0],
+                   help="the blends to evaluate (default: 0 0.25 0.5 0.75 1)")
+    p.add_argument("--keep", type=float, metavar="F", help="choose the best on the validation set among the blends "
+                   "that keep at least F\nof the start's CIDEr-D on every --eval-data set (default: the best on the "
+                   "validation set)")
+    p.add_argument("--alpha", type=float, help="write this blend (one of --alphas), whatever the curve")
+    p.add_argument("--out", metavar="DIR", help="where the chosen blend goes (default: RUN/blend)")
+    p.add_argument("--batch-size", type=int, default=16, help="pictures per evaluation batch (default: 16)")
+    args = p.parse_args(argv)
+    if not all(0 <= a <= 1 for a in args.alphas) or args.alpha is not None and args.alpha not in args.alphas:
+        p.error("--alphas must lie in [0, 1], and --alpha must be one of them")
+    if args.keep is not None and 0 not in args.alphas:
+        args.alphas = [0.0, *args.alphas]  # --keep compares with the start
+    run = Path(args.run)
+    try:
+        saved = load_training_state(run / "last")[0]["args"]
+        start = Path(args.start or saved["init"])
+        if str(start) == "scratch":
+            raise CheckpointError(f"{run} was trained from scratch: there is no start to blend with (give --start)")
+        val = validation_rows(saved)
+        extra = {Path(d).name: check_images(read_eval_set(d)).rows for d in [*saved.get("eval_data", []),
+                                                                              *args.eval_data]}
+        blend_run(start, Path(args.tuned or run / "best"), val, extra, sorted(set(args.alphas)), args.keep,
+                  args.alpha, Path(args.out or run / "blend"), args.batch_size)
+    except (CheckpointError, DataError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
