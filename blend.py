@@ -14,38 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from blip.checkpoint import CheckpointError, load_training_state, save_evaluation
-from blip.tool.blend import Blender, choose
-from blip.tool.data import Collate, DataError, check_images, read_eval_set
-from blip.tool.evaluate import Evaluator
+from blip.checkpoint import CheckpointError, load_training_state
+from blip.tool.blend import blend_run
+from blip.tool.data import DataError, check_images, read_eval_set
 from blip.tool.plan import validation_rows
-
-
-def blend_run(start: Path, tuned: Path, val, extra: dict, alphas: list[float], keep: float | None,
-              alpha: float | None, out: Path, batch: int = 16, say=print) -> dict:
-    """Evaluate the blends of `start` and `tuned` at `alphas` on `val` rows and each `extra` set's rows, write
-    the chosen one (`alpha`, else by `keep`: blend.choose) to `out`; returns its curve entry."""
-    blender = Blender(start, tuned)
-    everything = [r for rows in (val, *extra.values()) for r in rows]
-    longest = max(len(blender.tokenizer.encode_caption(c)) for r in everything for c in r.captions)
-    prompt = len(blender.tokenizer.tokens(blender.model.config.prompt))
-    evaluate = Evaluator(blender.model, blender.tokenizer, Collate(blender.tokenizer, longest + prompt), batch)
-    curve = []
-    say(f"{'a':>5}  {'validation':>24}" + "".join(f"  {name[:24]:>24}" for name in extra))
-    for a in alphas:
-        blender.set(a)
-        scores = {name: {k: v for k, v in evaluate(rows).items() if k != "gallery"}
-                  for name, rows in {"validation": val, **extra}.items()}
-        curve.append({"alpha": a, "val": scores.pop("validation"), "eval_sets": scores})
-        say(f"{a:5.2f}" + "".join(f"  {s['cider']:10.3f} CIDEr-D {s['exact']:6.1%}"
-                                  for s in (curve[-1]["val"], *scores.values())))
-    chosen = next(r for r in curve if r["alpha"] == alpha) if alpha is not None else choose(curve, keep)
-    blender.set(chosen["alpha"])
-    blender.save(out)
-    save_evaluation(out, {**chosen, "start": str(start), "tuned": str(tuned), "curve": curve})
-    say(f"a = {chosen['alpha']:g}" + (f" (the best on the validation set keeping {keep:g} of the start's CIDEr-D on "
-                                      f"{', '.join(extra)})" if keep and alpha is None else "") + f": wrote {out}")
-    return chosen
 
 
 def main(argv=None) -> int:

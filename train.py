@@ -83,6 +83,7 @@ from blip.speed import recompute
 from blip.speed.memory import keep_freed_memory
 from blip.tokenizer import Tokenizer
 from blip.tool import plan
+from blip.tool.blend import ALPHAS, blend_run
 from blip.tool.captioner import cpu_has_bf16
 from blip.tool.data import (
     HANDFUL,
@@ -143,6 +144,9 @@ def add_data_flags(a):
       help="pictures of what the model knew (a data folder's train/, or all of it), mixed into\n"
       "every batch so that fine-tuning forgets less (repeatable; docs/training.md makes one\n"
       "from any pictures with the starting model's own captions)")
+    a("--blend", type=float, metavar="KEEP", help="at the end, blend best/ with --init (blend.py): evaluate\n"
+      "(1 - a) x start + a x best for a = 0, 0.25, ..., 1 and write OUT/blend/, the best on the\n"
+      "validation set among those keeping KEEP of the start's CIDEr-D on every --eval-data set")
     a("--replay-fraction", type=float, default=0.25, metavar="F", help="with --replay: the share of every batch "
       "that comes from the replay sets\n(default: 0.25)")
     a("--skip-bad", action="store_true", help="train on the good rows when some are bad, instead of stopping")
@@ -304,6 +308,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error("--warmup, --label-smoothing and --dropout must be in [0, 1)")
     if not 0 <= args.replay_fraction < 1:
         p.error("--replay-fraction must be in [0, 1)")
+    if args.blend is not None and (args.init == "scratch" or not 0 <= args.blend <= 1):
+        p.error("--blend KEEP needs a checkpoint to blend with (--init) and KEEP in [0, 1]")
     if args.cache_image_tokens and not args.freeze_vision:
         p.error("--cache-image-tokens needs --freeze-vision: tokens of a ViT that learns change every step")
     if args.cache_image_tokens and args.augment == "blip":
@@ -1059,7 +1065,11 @@ def main(argv=None) -> int:
         first = next(steps)  # measured once here, then trained on
         procs.log(describe(args, procs, setup, data, batches, precision, small,
                            probe_step(setup.model, first, precision, procs.device)))
-        return train_loop(run, model, itertools.chain([first], steps), optimizer, precision, args, procs)
+        code = train_loop(run, model, itertools.chain([first], steps), optimizer, precision, args, procs)
+        if code == 0 and args.blend is not None and procs.master:
+            blend_run(Path(args.init), run.out / "best", data.val.rows, {n: s.rows for n, s in data.extra.items()},
+                      list(ALPHAS), args.blend, None, run.out / "blend", batches.batch, say)
+        return code
     except TrainError as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every process stops; one says why
             say(f"error: {e}")

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_tokenizer, read_adapter, save_adapters, weights_sha256
+from ..checkpoint import CheckpointError, load_tokenizer, read_adapter, save_adapters, save_evaluation, weights_sha256
 from ..lora import LoRALinear, TokenRows, adapters
 from ..model import BlipCaptioner
+from .data import Collate
+from .evaluate import Evaluator
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the blends evaluated unless asked for others
 
 
 class Blender:
@@ -70,3 +74,30 @@ def choose(curve: list[dict], keep: float | None) -> dict:
     fine = [r for r in curve if not keep or all(r["eval_sets"][n]["cider"] >= keep * s["cider"]
                                                 for n, s in start["eval_sets"].items())]
     return max(fine, key=lambda r: (r["val"]["cider"], r["alpha"]))
+
+
+def blend_run(start: Path, tuned: Path, val, extra: dict, alphas: list[float], keep: float | None,
+              alpha: float | None, out: Path, batch: int = 16, say=print) -> dict:
+    """Evaluate the blends of `start` and `tuned` at `alphas` on `val` rows and each `extra` set's rows, write
+    the chosen one (`alpha`, else by `keep`: blend.choose) to `out`; returns its curve entry."""
+    blender = Blender(start, tuned)
+    everything = [r for rows in (val, *extra.values()) for r in rows]
+    longest = max(len(blender.tokenizer.encode_caption(c)) for r in everything for c in r.captions)
+    prompt = len(blender.tokenizer.tokens(blender.model.config.prompt))
+    evaluate = Evaluator(blender.model, blender.tokenizer, Collate(blender.tokenizer, longest + prompt), batch)
+    curve = []
+    say(f"{'a':>5}  {'validation':>24}" + "".join(f"  {name[:24]:>24}" for name in extra))
+    for a in alphas:
+        blender.set(a)
+        scores = {name: {k: v for k, v in evaluate(rows).items() if k != "gallery"}
+                  for name, rows in {"validation": val, **extra}.items()}
+        curve.append({"alpha": a, "val": scores.pop("validation"), "eval_sets": scores})
+        say(f"{a:5.2f}" + "".join(f"  {s['cider']:10.3f} CIDEr-D {s['exact']:6.1%}"
+                                  for s in (curve[-1]["val"], *scores.values())))
+    chosen = next(r for r in curve if r["alpha"] == alpha) if alpha is not None else choose(curve, keep)
+    blender.set(chosen["alpha"])
+    blender.save(out)
+    save_evaluation(out, {**chosen, "start": str(start), "tuned": str(tuned), "curve": curve})
+    say(f"a = {chosen['alpha']:g}" + (f" (the best on the validation set keeping {keep:g} of the start's CIDEr-D on "
+                                      f"{', '.join(extra)})" if keep and alpha is None else "") + f": wrote {out}")
+    return chosen
