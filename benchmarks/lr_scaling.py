@@ -15,6 +15,7 @@ Every run is a train.py child process; OUT/runs.jsonl has a line per run, OUT/lr
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=200, help="passes over them, at every batch (default: 200)")
     p.add_argument("--evals", type=int, default=8, help="evaluations per run, the best kept (default: 8)")
     p.add_argument("--threads", type=int, default=1, help="threads per train.py (default: 1)")
+    p.add_argument("--jobs", type=int, default=2, help="train.py runs at a time (default: 2)")
     p.add_argument("--out", default="runs/lr-scaling", help="where data, runs and the table go")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -86,32 +88,35 @@ def main(argv=None) -> int:
     done = {(r["preset"], r["batch"], r["c"]) for r in read_jsonl(out / "runs.jsonl")} \
         if (out / "runs.jsonl").exists() else set()
     for preset in args.presets:
-        scale = 128 / WIDTH[preset]
         source = out / f"shapes-{preset}"
         if not (source / "best").is_dir():
             print(f"training the {preset} shapes model from scratch", flush=True)
             train(["--data", data / "shapes", "--out", source, "--init", "scratch", "--preset", preset,
                    "--tokenizer", data / "tokenizer.json", "--epochs", 40, "--eval-every", 500,
-                   "--lr", 2e-3 * scale], out / f"shapes-{preset}.log", args.threads)
-        for batch in args.batches:
-            for c in args.cs:
-                if (preset, batch, c) in done:
-                    continue
-                steps = args.epochs * args.n // batch
-                run = out / f"{preset}-b{batch}-c{c:g}"
-                shutil.rmtree(run, ignore_errors=True)
-                wall = train(["--data", task, "--out", run, "--init", source / "best", "--max-steps", steps,
-                              "--eval-every", steps // args.evals, "--batch-size", batch, "--lr", c * scale,
-                              "--vision-lr-scale", 0.3, "--augment", "flip"], out / f"{run.name}.log", args.threads)
-                evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"]
-                best = max(evals, key=lambda r: r["cider"])
-                row = {"preset": preset, "width": WIDTH[preset], "batch": batch, "c": c, "lr": c * scale,
-                       "steps": steps, "best_step": best["step"], "exact": best["exact"], "cider": best["cider"],
-                       "wall_s": round(wall)}
-                with open(out / "runs.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
-                shutil.rmtree(run / "last", ignore_errors=True)  # keep the metrics, not the weights
+                   "--lr", 2e-3 * 128 / WIDTH[preset]], out / f"shapes-{preset}.log", args.threads * args.jobs)
+
+    def sweep(preset: str, batch: int, c: float):
+        scale = 128 / WIDTH[preset]
+        steps = args.epochs * args.n // batch
+        run = out / f"{preset}-b{batch}-c{c:g}"
+        shutil.rmtree(run, ignore_errors=True)
+        wall = train(["--data", task, "--out", run, "--init", out / f"shapes-{preset}" / "best", "--max-steps", steps,
+                      "--eval-every", steps // args.evals, "--patience", 0, "--batch-size", batch, "--lr", c * scale,
+                      "--vision-lr-scale", 0.3, "--augment", "flip"], out / f"{run.name}.log", args.threads)
+        evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"]
+        best = max(evals, key=lambda r: r["cider"])
+        row = {"preset": preset, "width": WIDTH[preset], "batch": batch, "c": c, "lr": c * scale,
+               "steps": steps, "best_step": best["step"], "exact": best["exact"], "cider": best["cider"],
+               "wall_s": round(wall)}
+        with open(out / "runs.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(run / "last", ignore_errors=True)  # keep the metrics, not the weights
+
+    todo = [(p, b, c) for p in args.presets for b in args.batches for c in args.cs if (p, b, c) not in done]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # the work is in train.py child processes
+        for future in [pool.submit(sweep, *t) for t in todo]:
+            future.result()
     rows = read_jsonl(out / "runs.jsonl")
     lines = ["| preset (width) | batch | c | lr | best val exact | best val CIDEr-D | best at step / steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
