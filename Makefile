@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python demo.py
 
 transfer: install
-	$(BIN)/python demo.py --transfer
+	$(BIN)/python transfer.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py

@@ -20,7 +20,7 @@ from blip.tool.data import DataError, check_images, read_eval_set
 from blip.tool.plan import validation_rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a train.py run folder (its last/ says what it trained on and from)")
@@ -36,6 +36,11 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, help="write this blend (one of --alphas), whatever the curve")
     p.add_argument("--out", metavar="DIR", help="where the chosen blend goes (default: RUN/blend)")
     p.add_argument("--batch-size", type=int, default=16, help="pictures per evaluation batch (default: 16)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if not all(0 <= a <= 1 for a in args.alphas) or args.alpha is not None and args.alpha not in args.alphas:
         p.error("--alphas must lie in [0, 1], and --alpha must be one of them")

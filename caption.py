@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from blip.checkpoint import CheckpointError, read_config
 from blip.config import BlipConfig
-from blip.decoding import DecodeConfig, changed
+from blip.decoding import SAMPLING, DecodeConfig, changed
 from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
 from blip.tool.attention_map import draw
 from blip.tool.captioner import Captioner, Matcher
@@ -37,7 +37,7 @@ from blip.tool.trace import Trace
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Caption images with BLIP. PATHs are image files, folders (searched recursively for "
         f"{', '.join(sorted(IMAGE_SUFFIXES))}) or glob patterns.",
@@ -45,26 +45,27 @@ def parse_args(argv=None):
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="DIR",
                    help=f"checkpoint folder written by convert_weights.py or train.py (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--beams", type=int, metavar="N",
+    # the names train.py saves these defaults under, and Captioner.caption's (HF generate's); the old ones too
+    p.add_argument("--num-beams", "--beams", type=int, metavar="N", dest="num_beams",
                    help="beam search width; 1 is greedy (default: the checkpoint's, BLIP's 3)")
-    p.add_argument("--max-length", type=int, metavar="N",
-                   help="most new tokens per caption, the end token counting (HF's max_new_tokens; default: the "
-                   "checkpoint's, BLIP's 20, or what train.py found its captions need)")
-    p.add_argument("--min-length", type=int, metavar="N",
-                   help="fewest new tokens before the caption may end (HF's min_new_tokens; default: the "
-                   "checkpoint's, BLIP's 5)")
+    p.add_argument("--max-new-tokens", "--max-length", type=int, metavar="N", dest="max_new_tokens",
+                   help="most new tokens per caption, the end token counting (default: the checkpoint's, BLIP's 20, "
+                   "or what train.py found its captions need)")
+    p.add_argument("--min-new-tokens", "--min-length", type=int, metavar="N", dest="min_new_tokens",
+                   help="fewest new tokens before the caption may end (default: the checkpoint's, BLIP's 5)")
     p.add_argument("--prompt", metavar="TEXT",
                    help="text the caption continues; left out of the output (default: the checkpoint's, "
                    "'a picture of ' as BLIP was trained; '' for none)")
     p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    p.add_argument("--top-p", type=float, default=0.9, help="sampling: keep the fewest tokens whose probability "
-                   "adds up to P (default: 0.9)")
+    p.add_argument("--top-p", type=float, help="sampling: keep the fewest tokens whose probability "
+                   f"adds up to P (default: {SAMPLING['top_p']:g}, as BLIP)")
     p.add_argument("--top-k", type=int, default=0, help="sampling: keep only the K most likely tokens "
                    "(default: 0, off)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling: logits are divided by this (default: 1)")
     p.add_argument("--seed", type=int, help="sampling: random seed, for captions that repeat run to run")
     p.add_argument("--repetition-penalty", type=float, metavar="R",
-                   help="R > 1 discourages repeated tokens (default: 1.1 when sampling, 1.0 otherwise, as BLIP)")
+                   help=f"R > 1 discourages repeated tokens (default: {SAMPLING['repetition_penalty']:g} when "
+                   "sampling, 1.0 otherwise, as BLIP)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                    help="no sequence of N tokens twice in a caption, the prompt included (HF's no_repeat_ngram_size; "
                    "default: 0, off)")
@@ -108,6 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--attention-map", metavar="OUT.png",
                    help="also draw where the decoder looked for each word (one panel per word) to OUT.png; with "
                    "several images, OUT-<image name>.png each (OUT-<n>-<image name>.png when names repeat)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.attention_map and not Path(args.attention_map).parent.is_dir():
         p.error(f"--attention-map: no folder {Path(args.attention_map).parent} to write into")
@@ -128,15 +134,14 @@ def parse_args(argv=None):
         p.error("--candidates must be at least 1")
     if args.rerank and args.attention_map:
         p.error("--attention-map draws the beam caption's maps; it cannot follow a --rerank choice")
-    if args.repetition_penalty is None:
-        args.repetition_penalty = 1.1 if args.sample else 1.0
     config = checkpoint_config(args.checkpoint)  # unset flags take the checkpoint's values
     generation = config.generation
     args.prompt = config.prompt if args.prompt is None else args.prompt
-    given = {"num_beams": args.beams, "max_new_tokens": args.max_length, "min_new_tokens": args.min_length}
+    given = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
     args.decode = changed(DecodeConfig(**asdict(generation)), **{k: v for k, v in given.items() if v is not None},
-                          sample=args.sample, top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                          repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
+                          sample=args.sample, top_k=args.top_k, temperature=args.temperature,
+                          no_repeat_ngram_size=args.no_repeat_ngram)
     try:
         args.decode.validate()
     except ValueError as e:

@@ -16,7 +16,7 @@ from blip.checkpoint import CheckpointError
 from blip.tool.convert import convert, download, export_hf, merge_adapters
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert BLIP captioning or image-text retrieval weights (HF snapshot folder, original BLIP "
         ".pth, or HF hub id) into our checkpoint folder (config.json, model.safetensors, tokenizer.json); or, "
@@ -35,6 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--merge-lora", nargs=2, metavar=("LORA_DIR", "OUT"), help="fold the adapters of a train.py --lora "
                    "folder into the checkpoint they belong to, and write the whole model to OUT (a checkpoint "
                    "folder caption.py, train.py and --to-hf take)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.to_hf or args.merge_lora) and (args.src or args.out):
         p.error("--to-hf and --merge-lora take their own two folders; give no SRC/OUT with them")

@@ -25,7 +25,7 @@ from blip.tool.captioner import Matcher
 from blip.tool.data import DataError, Split, check_images, read_splits
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, metavar="DIR", help="data folder, in any layout train.py reads")
     p.add_argument("--itm", required=True, metavar="DIR",
@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-bad", action="store_true", help="score the readable rows when some are bad, "
                    "instead of stopping")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: a GPU when there is one")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not 0 <= args.threshold <= 1:
         p.error("--threshold must be in [0, 1]")

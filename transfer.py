@@ -196,7 +196,7 @@ def table(rows: list[dict], source: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/transfer", help="where data, runs and transfer.md go (default: "
@@ -208,6 +208,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default: 2)")
     p.add_argument("--quick", action="store_true", help="N = 16 only, one seed, a shapes model of 2 epochs: to see "
                    "that every mode runs")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.seeds = [16], 1

@@ -49,11 +49,15 @@ class DecodeConfig:
                 raise ValueError(message)
 
 
+SAMPLING = {"top_p": 0.9, "repetition_penalty": 1.1}  # BLIP's nucleus sampling (configs/caption_coco.yaml)
+
+
 def changed(base: DecodeConfig, **options) -> DecodeConfig:
-    """`base` (a checkpoint's defaults) with `options` changed. Sampling draws one sequence, so
-    sample=True without num_beams also sets one beam, whatever beams `base` searches with."""
-    if options.get("sample") and "num_beams" not in options:
-        options["num_beams"] = 1
+    """`base` (a checkpoint's defaults) with `options` changed. sample=True draws one sequence (one beam,
+    whatever beams `base` searches with) with BLIP's SAMPLING settings, unless `options` give others: the
+    same defaults from caption.py --sample and from Captioner.caption(sample=True)."""
+    if options.get("sample"):
+        options = {"num_beams": 1, **SAMPLING, **options}
     return replace(base, **options)
 
 

@@ -147,6 +147,22 @@ def test_api_sampling_draws_one_sequence(hf_taught, images):
         captioner.caption(pil, sample=True, seed=0, num_beams=3)
 
 
+def test_sampling_has_one_default_from_the_cli_and_the_api(hf_taught, images, capsys):
+    """caption.py --sample and Captioner.caption(sample=True) draw the same captions: both BLIP's top-p 0.9
+    and repetition penalty 1.1, unless told otherwise."""
+    from blip.decoding import SAMPLING, changed
+
+    _, folder = hf_taught
+    captioner = Captioner.from_pretrained(folder, device="cpu")
+    sampled = changed(captioner.defaults, sample=True)
+    assert (sampled.top_p, sampled.repetition_penalty, sampled.num_beams) == (0.9, 1.1, 1) == (*SAMPLING.values(), 1)
+    paths = [images / "a.png", images / "b.png"]
+    code, out, _ = run(capsys, *paths, "--checkpoint", folder, "--sample", "--seed", 3)
+    assert code == 0
+    assert [line.split(": ", 1)[1] for line in out.splitlines()] == captioner.caption(paths, sample=True, seed=3)
+    assert changed(captioner.defaults, sample=True, top_p=0.5).top_p == 0.5
+
+
 def test_bad_options_are_usage_errors(images, capsys):
     for bad in (["--beams", "0"], ["--min-length", "9", "--max-length", "4"], ["--top-p", "2"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit) as e:

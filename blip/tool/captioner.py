@@ -131,8 +131,7 @@ class Captioner(OnDevice):
         `config` (default: nucleus sampling), the image encoded once for all of them."""
         tokens = image if torch.is_tensor(image) else self.encode([image])
         tokens = tokens.expand(n, -1, -1)  # (n, N, C), a view of one encoding
-        config = config or DecodeConfig(sample=True, top_p=0.9, repetition_penalty=1.1,
-                                        max_new_tokens=self.defaults.max_new_tokens)
+        config = config or changed(self.defaults, sample=True)
         prompt = self.prompt if prompt is None else prompt
         ids = generate_from(self.model, tokens, self.tokenizer.encode_prompt(prompt), config, generator)
         return [self.tokenizer.decode(i) for i in ids]
