@@ -46,7 +46,7 @@ import torch
 from common import add_common_args, alternate, apply_common_args, same_weights
 
 from blip import BlipCaptioner
-from blip.lora import ATTENTION, LoraConfig, add_lora, parse_targets
+from blip.lora import ATTENTION, LoraConfig, add_lora, add_token_rows, lora_state_dict, parse_targets
 from blip.lora import TARGETS as LORA_TARGETS
 from blip.model import caption_labels, caption_loss
 from blip.speed.memory import keep_freed_memory
@@ -109,6 +109,11 @@ def hf_lora_targets(targets: tuple[str, ...]):
     return "|".join(f"(?:{p})" for p in patterns)  # peft full-matches a string against each module's name
 
 
+def token_rows(args) -> list[int]:
+    """The word-embedding rows LoRA trains with --lora-tokens N: N ids, as the tokens of N words' captions."""
+    return list(range(1000, 1000 + args.lora_tokens))
+
+
 def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -125,8 +130,10 @@ def build(side: str, mode: str, folder: Path, args, device):
         if mode == "lora":
             import peft
 
+            rows = {"trainable_token_indices": token_rows(args), "ensure_weight_tying": True} \
+                if args.lora_tokens else {}
             config = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                     target_modules=hf_lora_targets(targets))
+                                     target_modules=hf_lora_targets(targets), **rows)
             model = peft.get_peft_model(model, config)  # freezes all but the adapters
     else:
         model = BlipCaptioner.from_pretrained(folder / "ours")
@@ -134,6 +141,8 @@ def build(side: str, mode: str, folder: Path, args, device):
             model.visual_encoder.requires_grad_(False)
         elif mode == "lora":
             add_lora(model, LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, targets=targets))
+            if args.lora_tokens:
+                add_token_rows(model, token_rows(args))
         # what backward keeps: train.py's default for this device unless --recompute says
         model.set_recompute(pick_mode(args.recompute, model, device))
     return model.to(device).train()
@@ -210,7 +219,8 @@ def peak_of(side: str, mode: str, amp: str, folder: Path, args) -> float:
     cmd = [sys.executable, str(HERE), "--child", side, "--child-mode", mode, "--amp-one", amp,
            "--weights", str(folder), "--batch", str(args.batch),
            "--threads", str(args.threads), "--device", args.device, "--recompute", args.recompute,
-           "--lora-rank", str(args.lora_rank), "--lora-targets", args.lora_targets]
+           "--lora-rank", str(args.lora_rank), "--lora-targets", args.lora_targets, "--lora-tokens",
+           str(args.lora_tokens)]
     cmd += ["--plain-linear"] * args.plain_linear + ["--default-malloc"] * args.default_malloc
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
@@ -292,6 +302,9 @@ def main():
                    help="comma-separated layers to adapt, as train.py's --lora-targets (default: train.py's, the "
                    "attention projections); "
                         "HF's are the same layers under HF's names")
+    p.add_argument("--lora-tokens", type=int, default=300, metavar="N",
+                   help="with LoRA, the word-embedding rows of N tokens train too, as train.py --lora-tokens data "
+                   "(HF: peft's trainable_token_indices; default: 300, a few hundred words' pieces; 0: none)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--recompute", choices=["auto", *MODES], default="auto",
                    help="what our backward recomputes (blip/speed/recompute.py; default: train.py's, auto)")
@@ -328,6 +341,16 @@ def main():
             np.save(tmp / "tokens.npy", ours.to(device).encode_image(batch[0]).float().cpu().numpy())
     config = ours.config
     del hf, ours
+    if "lora" in args.modes:  # what a --lora run's folders hold, against the model file they adapt
+        from safetensors.torch import save_file
+
+        adapted = build("ours", "lora", tmp, args, torch.device("cpu"))
+        save_file({k: v.contiguous() for k, v in lora_state_dict(adapted).items()}, str(tmp / "adapter.safetensors"))
+        size, full = (tmp / "adapter.safetensors").stat().st_size, (tmp / "ours" / "model.safetensors").stat().st_size
+        print(f"LoRA rank {args.lora_rank} on {args.lora_targets}, {args.lora_tokens} token rows: adapter file "
+              f"{size / 1e6:.1f} MB, {size / full:.2%} of the model file ({full / 1e6:.0f} MB; target <= 3%: "
+              f"{'PASS' if size <= 0.03 * full else 'FAIL'})")
+        del adapted
 
     # memory first, each run alone in a child process, while this one holds no model
     peaks = {amp: {run: None if args.no_memory else peak_of(*run, amp, tmp, args) for run in runs} for amp in amps}

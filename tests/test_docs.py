@@ -1,8 +1,13 @@
 """The documentation cannot rot: every Python example in README.md and docs/ runs here, on a tiny
-checkpoint made by the test, and every relative link and image path points at something that exists
-(a `#anchor` at a heading of the file it names)."""
+checkpoint made by the test; every command line of our scripts in a shell block parses with that script's own
+argparse; every blip/ file and name the docs cite exists; every relative link and image path points at
+something that exists (a `#anchor` at a heading of the file it names); and no doc reads as a lab notebook
+(dates, commit ids, "an earlier run")."""
 
+import ast
+import importlib
 import re
+import shlex
 import traceback
 from pathlib import Path
 
@@ -101,3 +106,119 @@ def test_link_check_finds_broken_links(tmp_path):
                    "![picture](gone.png) [web](https://example.com)\n")
     assert broken_links(doc) == ["missing.md: no such file", "#nowhere: no heading with that anchor",
                                  "gone.png: no such file"]
+
+
+# --- command lines -------------------------------------------------------------------------------------
+SCRIPTS = ("train", "caption", "convert_weights", "filter_data", "demo", "blend", "transfer")
+SHELL = re.compile(r"^```(?:bash|sh|shell)?\n(.*?)^```", re.S | re.M)
+
+
+def command_lines(text: str) -> list[tuple[int, str, list[str]]]:
+    """(line, script, its arguments) of every call of one of SCRIPTS in the shell blocks of `text`: lines
+    joined at a trailing backslash, comments dropped, `python X.py` after any prefix (.venv/bin/, torchrun)."""
+    found = []
+    for block in SHELL.finditer(text):
+        first = text.count("\n", 0, block.start()) + 2
+        lines = block.group(1).replace("\\\n", " ").splitlines()
+        for n, line in enumerate(lines):
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:
+                words = line.split()
+            for i, word in enumerate(words):
+                name = Path(word).name.removesuffix(".py")
+                if word.endswith(".py") and name in SCRIPTS:
+                    found.append((first + n, name, words[i + 1 :]))
+                    break
+    return found
+
+
+def bad_command_lines(doc: Path) -> list[str]:
+    """The command lines of `doc` that their script's argparse refuses (a flag it lacks, a bad choice)."""
+    bad = []
+    for line, script, args in command_lines(doc.read_text()):
+        parser = importlib.import_module(script).build_parser()
+        parser.exit = parser.error = lambda *a, **k: (_ for _ in ()).throw(ValueError(a[-1] if a else ""))
+        try:
+            parser.parse_args(args)
+        except ValueError as e:
+            bad.append(f"{doc.name}:{line}: {script}.py {' '.join(args)}: {e}")
+    return bad
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_command_lines_parse(doc):
+    assert bad_command_lines(doc) == []
+
+
+def test_there_are_command_lines():
+    found = {script for doc in DOCS for _, script, _ in command_lines(doc.read_text())}
+    assert {"train", "caption", "convert_weights", "blend", "transfer"} <= found
+
+
+def test_a_flag_a_script_lacks_is_found(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("```bash\n.venv/bin/python train.py --data d --recompute full   # gone\n"
+                   ".venv/bin/python caption.py a.jpg \\\n    --beams 3 --dtype fp64\n```\n")
+    bad = bad_command_lines(doc)
+    assert len(bad) == 2 and "--recompute" in bad[0] and "fp64" in bad[1] and bad[1].startswith("x.md:3:")
+
+
+# --- what the docs cite ---------------------------------------------------------------------------------
+CITED_FILE = re.compile(r"\b((?:blip|tests|benchmarks)/[\w/]+\.py)(?:[ :`]+(\w+))?")
+CITED_NAME = re.compile(r"`([A-Za-z_][\w.]*)\(\)?`")
+
+
+def defined_names() -> set[str]:
+    """Every function, class and method name defined in our Python files."""
+    names = set()
+    for path in [*ROOT.glob("*.py"), *(ROOT / "blip").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names.add(node.name)
+    return names
+
+
+def missing_citations(text: str, names: set[str]) -> list[str]:
+    missing = []
+    for path, name in CITED_FILE.findall(text):
+        if not (ROOT / path).is_file():
+            missing.append(path)
+        elif name and name[0].isupper() or name and "_" in name:  # a name after its file: defined there
+            tree = ast.parse((ROOT / path).read_text())
+            if name not in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)} | \
+                    {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
+                     if isinstance(t, ast.Name)}:
+                missing.append(f"{path} {name}")
+    for cited in CITED_NAME.findall(text):
+        if cited.split(".")[-1] not in names:
+            missing.append(f"{cited}()")
+    return missing
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_cited_files_and_names_exist(doc):
+    assert missing_citations(doc.read_text(), defined_names()) == []
+
+
+def test_a_missing_citation_is_found():
+    text = "see `blip/vit.py Block`, `blip/nowhere.py`, `blip/text.py NoSuchLayer` and `Captioner.kaption()`"
+    assert missing_citations(text, defined_names()) == ["blip/nowhere.py", "blip/text.py NoSuchLayer",
+                                                        "Captioner.kaption()"]
+
+
+# --- a user guide, not a lab notebook -----------------------------------------------------------------------
+HISTORY = re.compile(r"\b20\d\d-\d\d-\d\d\b|\b(?:commit|stop) [0-9a-f]{7,}\b|\b[0-9a-f]{7}\b(?=[ ,)])"
+                     r"|an earlier (?:run|version|host)|a faster host|not found yet|left to try|in designing"
+                     r"|this session|last stop|earlier sessions?", re.I)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_no_lab_notebook(doc):
+    found = [(doc.read_text().count("\n", 0, m.start()) + 1, m.group(0)) for m in HISTORY.finditer(doc.read_text())]
+    assert found == []
+
+
+def test_history_is_found():
+    text = "Measured on 2026-11-30 (an earlier run on a faster host, commit 9ea13a3): not found yet."
+    assert len(HISTORY.findall(text)) == 5
