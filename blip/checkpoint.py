@@ -57,43 +57,85 @@ def _save_config(model, folder: Path, tokenizer: Tokenizer | None):
 
 
 # --- LoRA folders ---------------------------------------------------------------------------------
+def _hash_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blip" / "sha256.json"
+
+
 def weights_sha256(folder) -> str:
-    """sha256 of a checkpoint folder's model.safetensors: what names the base of a LoRA folder."""
-    with open(_need(Path(folder), WEIGHTS), "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """sha256 of a checkpoint folder's model.safetensors: what names the base of a LoRA folder. Computed once
+    per file (0.9 GB at base size) and remembered by path, size and modification time (~/.cache/blip/)."""
+    path = _need(Path(folder), WEIGHTS).resolve()
+    st = path.stat()
+    key, cache = f"{path}:{st.st_size}:{st.st_mtime_ns}", _hash_cache()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        with open(path, "rb") as f:
+            known[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        try:  # written beside and renamed: two processes never leave half a file
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:  # a read-only home: hash again next time
+            pass
+    return known[key]
 
 
 def save_adapters(model, folder, tokenizer: Tokenizer | None, adapter: dict):
     """A LoRA folder: config.json, tokenizer.json, the adapters' tensors and adapter.json, `adapter`:
-    {"base": the full checkpoint folder, "base_sha256": weights_sha256 of it, "lora": LoraConfig.to_dict()}."""
+    {"base": the full checkpoint folder, "base_sha256": weights_sha256 of it, "lora": LoraConfig.to_dict()}.
+    adapter.json names the base by a path relative to the folder (a project or a runs/ folder moves whole)."""
     folder = Path(folder)
     _save_config(model, folder, tokenizer)
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (folder / ADAPTER).write_text(json.dumps(adapter, indent=2) + "\n")
+    base = Path(adapter["base"]).resolve()
+    saved = {**adapter, "base": os.path.relpath(base, folder.resolve()),
+             "base_bytes": (base / WEIGHTS).stat().st_size}
+    (folder / ADAPTER).write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def read_adapter(folder) -> dict | None:
-    """adapter.json of a LoRA folder ({"base", "base_sha256", "lora"}); None for a full checkpoint."""
+    """adapter.json of a LoRA folder ({"base": the path it names, resolved, "base_sha256", "lora"}); None for
+    a full checkpoint."""
     path = Path(folder) / ADAPTER
     if not path.is_file():
         return None
     try:
         d = json.loads(path.read_text())
         LoraConfig.from_dict(d["lora"])
-        return {"base": str(d["base"]), "base_sha256": str(d["base_sha256"]), "lora": d["lora"]}
+        return {"base": str((Path(folder) / d["base"]).resolve()), "base_sha256": str(d["base_sha256"]),
+                "lora": d["lora"], "base_bytes": d.get("base_bytes")}
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a valid adapter description ({e})") from None
 
 
-def _load_adapted(folder: Path, adapter: dict, model_class, map_location, config, dtype):
-    """The base checkpoint adapter.json names, checked by its hash, with the folder's adapters on it."""
-    base = Path(adapter["base"])
-    if not (base / WEIGHTS).is_file():
-        raise CheckpointError(f"{folder}: its LoRA adapters belong to {base}, which holds no {WEIGHTS} any more")
-    if weights_sha256(base) != adapter["base_sha256"]:
-        raise CheckpointError(f"{folder}: its LoRA adapters belong to {base} as it was (sha256 "
+def find_base(folder: Path, adapter: dict) -> Path:
+    """The checkpoint a LoRA folder's adapters belong to: where adapter.json says, or else a checkpoint folder
+    with the same weights (by sha256) near it: beside the folder or its parents, or under ./checkpoints."""
+    named = Path(adapter["base"])
+    if (named / WEIGHTS).is_file() and weights_sha256(named) == adapter["base_sha256"]:
+        return named
+    places = [*Path(folder).resolve().parents[:4], Path("checkpoints").resolve()]
+    for place in dict.fromkeys(places):
+        for weights in sorted(place.glob(f"*/{WEIGHTS}")) + sorted(place.glob(f"*/*/{WEIGHTS}")):
+            if adapter.get("base_bytes") not in (None, weights.stat().st_size):
+                continue  # not the same file: no need to hash it
+            if weights_sha256(weights.parent) == adapter["base_sha256"]:
+                return weights.parent
+    if (named / WEIGHTS).is_file():
+        raise CheckpointError(f"{folder}: its LoRA adapters belong to {named} as it was (sha256 "
                               f"{adapter['base_sha256'][:12]}...), but that checkpoint's weights have changed")
+    raise CheckpointError(f"{folder}: its LoRA adapters belong to {named}, which holds no {WEIGHTS} any more, and "
+                          f"no checkpoint with those weights (sha256 {adapter['base_sha256'][:12]}...) is near it")
+
+
+def _load_adapted(folder: Path, adapter: dict, model_class, map_location, config, dtype):
+    """The base checkpoint adapter.json names (or found by its hash), with the folder's adapters on it."""
+    base = find_base(folder, adapter)
     model = load_model(base, model_class, map_location, config or read_config(folder, model_class.__name__), dtype)
     add_lora(model, LoraConfig.from_dict(adapter["lora"]))
     path = folder / ADAPTER_WEIGHTS

@@ -167,7 +167,7 @@ def test_lora_run_keeps_adapters_alone_and_caption_py_takes_them(base, tmp_path,
     assert set(tensors["text_decoder.embeddings.word.ids"].tolist()) == expected
     full = (init / "model.safetensors").stat().st_size
     assert (last / "adapter.safetensors").stat().st_size < full / 4
-    assert json.loads((last / "adapter.json").read_text())["base"] == str(init.resolve())
+    assert (last / json.loads((last / "adapter.json").read_text())["base"]).resolve() == init.resolve()  # relative
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_B"))  # the adapters learned
 
     model = BlipCaptioner.from_pretrained(last)  # the base, checked by its hash, with the adapters
@@ -269,3 +269,57 @@ def test_eval_data_and_a_report_on_one_footing(tmp_path):
     assert all(r["nll"] < r["loss"] for r in logs)  # label smoothing 0.1 raises the objective above the NLL
     page = (out / "report.html").read_text()
     assert "loss (no label smoothing)" in page and "other CIDEr-D" in page
+
+
+def test_adapter_folders_find_their_base_when_moved(base, tmp_path, monkeypatch):
+    """adapter.json names its base relative to itself: a project copied elsewhere whole still loads; a base
+    moved away is found near the folder by its hash, which is computed once per file."""
+    import hashlib
+    import shutil
+
+    data, init = base
+    project = tmp_path / "project"
+    shutil.copytree(init, project / "checkpoints" / "start")
+    assert train_main("--data", data, "--out", project / "runs" / "mine", "--init", project / "checkpoints" / "start",
+                      "--lora", 2, "--num-beams", 1, "--batch-size", 8, "--max-steps", 1) == 0
+    expected = logits_of(BlipCaptioner.from_pretrained(project / "runs" / "mine" / "last"))
+    moved = tmp_path / "elsewhere"
+    shutil.move(project, moved)  # the whole project: the relative path still holds
+    assert torch.equal(logits_of(BlipCaptioner.from_pretrained(moved / "runs" / "mine" / "last")), expected)
+    shutil.move(moved / "checkpoints" / "start", moved / "runs" / "start-renamed")  # the base alone: by its hash
+    hashed = []
+    digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: hashed.append(f.name) or digest(f, name))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for _ in range(2):
+        assert torch.equal(logits_of(BlipCaptioner.from_pretrained(moved / "runs" / "mine" / "last")), expected)
+    assert len(hashed) == len(set(hashed)) >= 1  # every file hashed at most once, then remembered
+    shutil.rmtree(moved / "runs" / "start-renamed")
+    with pytest.raises(CheckpointError, match="no checkpoint with those weights"):
+        BlipCaptioner.from_pretrained(moved / "runs" / "mine" / "last")
+
+
+def logits_of(model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.config.text.vocab_size - 2, (1, 6), generator=g)
+    ids[:, 0] = model.config.text.bos_token_id
+    with torch.no_grad():
+        return model(torch.randn(1, 3, 64, 64, generator=g), ids)
+
+
+def test_merge_refuses_to_write_onto_its_own_folder_or_its_base(base, tmp_path, capsys):
+    data, init = base
+    copy = tmp_path / "start"
+    copy.mkdir()
+    for f in init.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    assert train_main("--data", data, "--out", out, "--init", copy, "--lora", 2, "--num-beams", 1,
+                      "--batch-size", 8, "--max-steps", 1) == 0
+    before = (copy / "model.safetensors").read_bytes()
+    for target, why in ((out / "last", "adapter folder itself"), (copy, "checkpoint its adapters belong to")):
+        capsys.readouterr()
+        assert convert_weights.main(["--merge-lora", str(out / "last"), str(target)]) == 1
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1
+    assert (copy / "model.safetensors").read_bytes() == before and (out / "last" / "adapter.json").is_file()

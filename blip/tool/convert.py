@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from ..checkpoint import CheckpointError, architecture, check_state_dict, load_tokenizer, read_adapter
+from ..checkpoint import CheckpointError, architecture, check_state_dict, find_base, load_tokenizer, read_adapter
 from ..config import BlipConfig, TextConfig, VisionConfig
 from ..image import CLIP_MEAN, CLIP_STD
 from ..lora import merge_lora
@@ -359,8 +359,13 @@ def convert(src, out, tokenizer_path=None, image_size=None):
 def merge_adapters(folder, out):
     """A train.py --lora folder -> a full checkpoint folder: its adapters folded into the weights of the
     checkpoint they belong to (blip/lora.py merge_lora)."""
-    if read_adapter(folder) is None:
+    adapter = read_adapter(folder)
+    if adapter is None:
         raise CheckpointError(f"{folder} holds no LoRA adapters (no adapter.json): it is a full checkpoint already")
+    base = find_base(Path(folder), adapter)
+    for taken, what in ((Path(folder), "the adapter folder itself"), (base, "the checkpoint its adapters belong to")):
+        if Path(out).resolve() == taken.resolve():
+            raise CheckpointError(f"{out} is {what}: write the merged model to another folder")
     kind = architecture(folder)
     model = KINDS[kind].model_class.from_pretrained(folder)
     merge_lora(model)
