@@ -45,6 +45,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -101,7 +102,7 @@ from blip.tool.data import (
 )
 from blip.tool.evaluate import GALLERY, Evaluator, scores_line
 from blip.tool.report import thumbnail, write_report
-from blip.tool.token_cache import ImageTokens
+from blip.tool.token_cache import CacheError, ImageTokens, key_of
 
 DEFAULT_INIT = "checkpoints/blip-base"
 # what the flags leave open, by where the weights come from (a small set fine-tuned: blip/tool/plan.py).
@@ -737,20 +738,33 @@ class Batches:
 
 def cache_image_tokens(args, procs: Processes, setup: Setup, batches: Batches, precision: Precision):
     """--cache-image-tokens: the frozen ViT run once per picture and view, into OUT/image_tokens/
-    (blip/tool/token_cache.py); rank 0 writes the file, the others wait for it and read it."""
+    (blip/tool/token_cache.py). Rank 0 makes the file; every process computes its share of the views."""
     if not args.cache_image_tokens:
         return
     rows, transform = batches.train_set.rows, batches.train_set.transform
     vit, folder = setup.model.visual_encoder, Path(args.out) / "image_tokens"
-    with tqdm(total=len(rows) * transform.views, desc="image tokens", unit="view", disable=not procs.master,
-              file=sys.stderr) as bar:
+    key = key_of(vit, rows, transform, precision.amp)
+    tokens = ImageTokens.open(folder, key) if procs.master else None
+    if procs.share(tokens is None):  # not made yet, or made from something else
+        n = len(rows) * transform.views
+        what = None
         if procs.master:
-            batches.image_tokens = ImageTokens.open_or_build(folder, vit, rows, transform, batches.batch,
-                                                             precision.autocast, bar)
+            try:
+                what = ImageTokens.create(folder, (n, vit.cfg.num_tokens, vit.cfg.width))
+            except CacheError as e:
+                what = e
+        what = procs.share(what)
+        if isinstance(what, CacheError):
+            raise TrainError(str(what))
+        procs.log(f"computing the image tokens: {what}")
+        share = split_batch(range(n), procs.world)[procs.rank]
+        with tqdm(total=len(share), desc="image tokens", unit="view", disable=not procs.master, file=sys.stderr) as bar:
+            ImageTokens.fill(folder, share, vit, rows, transform, batches.batch, precision.autocast, bar)
         procs.barrier()
-        if not procs.master:
-            batches.image_tokens = ImageTokens.open_or_build(folder, vit, rows, transform, batches.batch,
-                                                             precision.autocast)
+        if procs.master:
+            ImageTokens.finish(folder, key)
+        procs.barrier()
+    batches.image_tokens = ImageTokens(np.load(folder / "tokens.npy", mmap_mode="r"))
 
 
 # --- one optimizer step ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -323,3 +324,50 @@ def test_merge_refuses_to_write_onto_its_own_folder_or_its_base(base, tmp_path, 
         err = capsys.readouterr().err
         assert why in err and len(err.strip().splitlines()) == 1
     assert (copy / "model.safetensors").read_bytes() == before and (out / "last" / "adapter.json").is_file()
+
+
+def test_token_cache_knows_its_precision_and_its_size(tmp_path, capsys, monkeypatch):
+    """The key names the precision the tokens were made in (a bf16 cache is not reused in fp32); the size is
+    said before the first picture, and a disk without room for it is a one-line error before any work."""
+    data = shapes_data(tmp_path / "data", 8, 2)
+    common = ["--data", data, *FAST, "--freeze-vision", "--cache-image-tokens", "--augment", "flip",
+              "--batch-size", 4, "--max-steps", 2, "--save-every", 1]
+    out = tmp_path / "run"
+    assert train_main(*common, "--out", out, "--max-steps", 1) == 0
+    assert "16 views x 65 x 128 float32" in capsys.readouterr().err  # 8 pictures, each as it is and mirrored
+    key = json.loads((out / "image_tokens" / "key.json").read_text())
+    assert key["precision"] == "off"
+    assert train_main("--out", out, "--resume", "--amp", "bf16") == 0
+    assert json.loads((out / "image_tokens" / "key.json").read_text())["precision"] == "bf16"  # made again
+
+    import shutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=1000))
+    capsys.readouterr()
+    assert train_main(*common, "--out", tmp_path / "full-disk") == 1
+    err = capsys.readouterr().err
+    assert "GB free" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    assert not (tmp_path / "full-disk" / "image_tokens").exists()
+
+
+def test_token_cache_shares_fill_the_one_file(tmp_path):
+    """Processes that each compute a share of the views make the same file as one process computing all."""
+    import random as rnd
+    from contextlib import nullcontext
+
+    from blip.config import tiny
+    from blip.image import TrainTransform
+    from blip.tool.data import read_folder
+    from blip.tool.token_cache import ImageTokens
+
+    shapes.write_split(tmp_path / "pics", 5, rnd.Random(0), side=64)
+    rows = read_folder(tmp_path / "pics").rows
+    vit = BlipCaptioner(tiny()).visual_encoder
+    transform = TrainTransform(64, "flip")
+    for name, shares in (("one", [range(10)]), ("two", [range(0, 5), range(5, 10)])):
+        ImageTokens.create(tmp_path / name, (10, vit.cfg.num_tokens, vit.cfg.width))
+        for share in shares:
+            ImageTokens.fill(tmp_path / name, share, vit, rows, transform, 3, nullcontext)
+    a, b = (np.load(tmp_path / n / "tokens.npy") for n in ("one", "two"))
+    assert np.array_equal(a, b) and np.abs(a).sum() > 0
