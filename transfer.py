@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from blip.tokenizer import Tokenizer
-from blip.tool import harbour, pitch, shapes
+from blip.tool import harbour, pitch, plan, shapes
 from blip.tool.blend import ALPHAS, blend_run
 from blip.tool.captioner import Captioner
 from blip.tool.data import check_images, read_folder
@@ -43,6 +43,7 @@ PROMPT = "a picture of "
 POOL, VAL, TEST = 256, 100, 200  # a domain's training pictures to draw N from, validation and test pictures
 SHAPES_EPOCHS = 40  # the shapes model: the demo's recipe
 LORA_RANK = 16
+SCRATCH_LR = 2e-3  # train.py's rate from scratch, for its batch of 32 (the demo's recipe)
 KEEP = 0.8  # blends keep at least this share of the shapes model's CIDEr-D on shapes
 # extra train.py flags of each mode; every fine-tune starts from the shapes model with no other flag than
 # these (train.py's defaults: the small-set plan) and --eval-data shapes, so that forgetting is measured
@@ -126,10 +127,11 @@ def job_flags(paths: dict, domain: str, n: int, seed: int, mode: str, out: Path,
     flags = ["--data", folder, "--out", out, "--init", paths["source"], "--tokenizer", paths["vocab"],
              "--eval-data", paths["shapes"], "--seed", seed]
     flags += [paths["replay"] if f == "{replay}" else f for f in MODES[mode]]
-    if mode == "scratch":  # the fine-tune's budget and batch, scratch's own rate: a fair match
-        batch = min(16, n)
+    if mode == "scratch":  # the fine-tune's budget, batch and patience; scratch's own rate, at that batch
+        batch = min(plan.BATCH, n)
         steps = small_set_steps(n, batch)
-        flags += ["--batch-size", batch, "--max-steps", steps, "--eval-every", max(1, steps // 10), "--patience", 3]
+        flags += ["--batch-size", batch, "--max-steps", steps, "--eval-every", max(1, steps // 10),
+                  "--patience", plan.PATIENCE, "--lr", SCRATCH_LR * batch / 32]
     return flags
 
 
