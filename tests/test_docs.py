@@ -110,16 +110,28 @@ def test_link_check_finds_broken_links(tmp_path):
 
 # --- command lines -------------------------------------------------------------------------------------
 SCRIPTS = ("train", "caption", "convert_weights", "filter_data", "demo", "blend", "transfer")
-SHELL = re.compile(r"^```(?:bash|sh|shell)?\n(.*?)^```", re.S | re.M)
+def shell_blocks(text: str) -> list[tuple[int, list[str]]]:
+    """(first line number, lines) of every fenced block marked bash/sh/shell, or not marked at all."""
+    blocks, fence, start, body = [], None, 0, []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.startswith("```"):
+            if fence is None:
+                fence, start, body = line[3:].strip(), n + 1, []
+            else:
+                if fence in ("", "bash", "sh", "shell"):
+                    blocks.append((start, body))
+                fence = None
+        elif fence is not None:
+            body.append(line)
+    return blocks
 
 
 def command_lines(text: str) -> list[tuple[int, str, list[str]]]:
     """(line, script, its arguments) of every call of one of SCRIPTS in the shell blocks of `text`: lines
     joined at a trailing backslash, comments dropped, `python X.py` after any prefix (.venv/bin/, torchrun)."""
     found = []
-    for block in SHELL.finditer(text):
-        first = text.count("\n", 0, block.start()) + 2
-        lines = block.group(1).replace("\\\n", " ").splitlines()
+    for first, body in shell_blocks(text):
+        lines = "\n".join(body).replace("\\\n", " ").splitlines()
         for n, line in enumerate(lines):
             try:
                 words = shlex.split(line, comments=True)
@@ -222,3 +234,20 @@ def test_no_lab_notebook(doc):
 def test_history_is_found():
     text = "Measured on 2026-11-30 (an earlier run on a faster host, commit 9ea13a3): not found yet."
     assert len(HISTORY.findall(text)) == 5
+
+
+def test_the_reading_tour_covers_every_file_of_blip():
+    tour = (ROOT / "docs" / "reading-tour.md").read_text()
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "blip").rglob("*.py"))
+    assert [f for f in files if f"`{f}`" not in tour and f"{f}`" not in tour] == []
+
+
+BARE = re.compile(r"^(?:python3? |torchrun |hf |pip |huggingface-cli )")  # tools that live in .venv/bin/
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_commands_run_as_pasted(doc):
+    """Every tool a shell block calls is the one `make install` put in .venv/bin/ (not a bare name that may be
+    missing, or another Python's)."""
+    bare = [line for _, body in shell_blocks(doc.read_text()) for line in body if BARE.match(line.strip())]
+    assert bare == []
