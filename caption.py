@@ -13,13 +13,11 @@ the lengths from the captions it trained on).
 """
 
 import argparse
-import glob
-import itertools
 import os
 import signal
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +29,8 @@ from blip.decoding import SAMPLING, DecodeConfig, changed
 from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
 from blip.tool.attention_map import draw
 from blip.tool.captioner import Captioner, Matcher
-from blip.tool.outputs import EXISTING, Sidecars, Stream, captioned, read_records
+from blip.tool.listing import Listing, identity, shown
+from blip.tool.outputs import EXISTING, Journal, Sidecars, Stream, captioned, read_records
 from blip.tool.trace import Trace
 
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
@@ -92,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "place in the folder it was found in")
     p.add_argument("--existing", choices=EXISTING, default="skip",
                    help="with --sidecar, a picture whose caption file exists: skip it (default: a rerun does only what "
-                   "is left), overwrite the file, or append / prepend the new caption to it")
+                   "is left), overwrite the file, or append / prepend the new caption to it (a journal, "
+                   ".caption-MODE.EXT.journal in the first folder, lets the rerun after a kill skip what is done)")
+    p.add_argument("--hidden", action="store_true", help="also look in hidden folders and files (names that start "
+                   "with '.', such as .ipynb_checkpoints), which are skipped by default")
     p.add_argument("--separator", default="\n", metavar="TEXT", help="between the old and new caption for "
                    "--existing append/prepend (default: a new line: a caption per line, as train.py reads them)")
     p.add_argument("--prefix", default="", metavar="TEXT", help="text put before every caption written")
@@ -121,6 +123,8 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 1")
     if args.workers is not None and args.workers < 0:
         p.error("--workers must not be negative")
+    if args.sidecar and "." + args.sidecar.lstrip(".").lower() in IMAGE_SUFFIXES:
+        p.error(f"--sidecar {args.sidecar} would write each caption over a picture: give a text suffix, such as .txt")
     if args.sidecar and args.output:
         p.error("--sidecar writes a caption file per picture; give it or --output FILE, not both")
     if args.output_dir and not args.sidecar:
@@ -130,6 +134,9 @@ def parse_args(argv=None):
                 "by themselves)")
     if args.output and Path(args.output).exists() and not args.resume:
         p.error(f"{args.output} exists: add --resume to caption only the pictures it lacks, or choose another --output")
+    if args.output and parts_of(args.output) and not args.resume:
+        p.error(f"{parts_of(args.output)[0]} holds captions of an interrupted torchrun run: add --resume to continue "
+                "it, or remove the .part files")
     if args.candidates < 1:
         p.error("--candidates must be at least 1")
     if args.rerank and args.attention_map:
@@ -157,30 +164,6 @@ def checkpoint_config(folder) -> BlipConfig:
         return read_config(folder)
     except CheckpointError:
         return BlipConfig()
-
-
-def expand(paths: list[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """PATH arguments -> ((image file, the folder it was found in), problems). A folder gives its images,
-    sorted, recursively; a glob's folder is the part of the pattern before its first wildcard."""
-    files, problems = [], []
-    for arg in paths:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            if not found:
-                problems.append(f"{arg}: no images in this folder")
-            files += [(f, path) for f in found]
-        elif path.exists():
-            files.append((path, path.parent))
-        elif glob.has_magic(arg):
-            found = sorted(Path(f) for f in glob.glob(arg, recursive=True) if Path(f).is_file())
-            if not found:
-                problems.append(f"{arg}: no files match")
-            fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), path.parts))
-            files += [(f, Path(*fixed) if fixed else Path(".")) for f in found]
-        else:
-            problems.append(f"{arg}: no such file or folder")
-    return files, problems
 
 
 class Pictures(torch.utils.data.Dataset):
@@ -225,7 +208,7 @@ def map_paths(out: str, images: list[Path]) -> dict[Path, Path]:
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun, each process captions every world-th picture."""
+    """(rank, world size): under torchrun, each process captions every world-th picture of rank 0's plan."""
     if "RANK" not in os.environ:
         return 0, 1
     import torch.distributed as dist
@@ -234,64 +217,142 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world = distributed()
-    master = rank == 0
-    found, problems = expand(args.paths)
-    unique = {}
-    for path, root in found:
-        unique.setdefault(path, root)  # a picture named twice is captioned once
-    found = list(unique.items())
-    for problem in problems if master else []:
+@dataclass
+class Plan:
+    """What a run does, decided once by rank 0 and sent to the other processes: the pictures left to
+    caption [(path, the folder it was found in)], how many inputs there were and how many already failed
+    (bad arguments, colliding caption files), the exit code when there is nothing to do, and where the
+    journal of a run that changes existing caption files is kept."""
+
+    todo: list = field(default_factory=list)
+    inputs: int = 0
+    failed: int = 0
+    stop: int | None = None
+    journal: Path | None = None
+    earlier: list = field(default_factory=list)  # rank 0 only: FILE's records, kept in front of the new ones
+
+
+def make_plan(args) -> Plan:
+    """Rank 0: list the pictures, and leave out those done before (their caption file exists, FILE holds
+    them, or the journal of an interrupted run names them)."""
+    listing = Listing(args.paths, args.hidden)
+    for problem in listing.problems:
         print(f"error: {problem}", file=sys.stderr)
+    unique = {}
+    for path, root in listing.pictures:
+        unique.setdefault(identity(path), (path, root))  # a picture named twice is captioned once
+    found = list(unique.values())
+    plan = Plan(inputs=len(found) + len(listing.problems), failed=len(listing.problems))
     if not found:
-        return 1
+        return replace(plan, stop=1)
     if not Path(args.checkpoint).is_dir():
         print(f"error: no checkpoint folder at {args.checkpoint}; make one with "
               f"`python convert_weights.py Salesforce/blip-image-captioning-base {args.checkpoint}` "
               "(docs/checkpoints.md)", file=sys.stderr)
-        return 1
-
-    # --- what is left to do: pictures without a caption file, or not in FILE (--resume) -------------
-    sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir) if args.sidecar else None
-    earlier = []  # FILE's caption records, kept in front of the new ones
-    if sidecars is not None:
-        targets = {}
+        return replace(plan, stop=1)
+    if args.sidecar:
+        sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir)
+        found, plan.failed = apart(found, sidecars, plan.failed)
+        done = set()
+        if args.existing != "skip":
+            plan.journal = Path(args.output_dir or found[0][1] if found else ".") / \
+                f".caption-{args.existing}{sidecars.ext}.journal"
+            done = Journal(plan.journal).read()
         for path, root in found:
-            other = targets.setdefault(sidecars.target(path, root), path)
-            if other != path:
-                print(f"error: {other} and {path} would both write {sidecars.target(path, root)}", file=sys.stderr)
-                return 2
-        todo = [(path, root) for path, root in found if sidecars.pending(path, root)]
-    elif args.output and args.resume and Path(args.output).is_file():
-        earlier = captioned(Path(args.output), args.format)
-        parts = sorted(Path(args.output).parent.glob(f"{Path(args.output).name}.part-*")) if world > 1 else []
-        done = {r["image"] for r in earlier} | {r["image"] for p in parts for r in captioned(p, args.format)}
-        todo = [(path, root) for path, root in found if str(path) not in done]
+            if identity(path) in done:
+                sidecars.finish(path, root)  # a kill between its journal line and its rename
+            elif sidecars.pending(path, root):
+                plan.todo.append((path, root))
+        for tmp in listing.stale:  # what killed runs left and no journal claims
+            tmp.unlink(missing_ok=True)
+    elif args.output and args.resume and (Path(args.output).is_file() or parts_of(args.output)):
+        fold_parts(Path(args.output), args.format)  # a killed torchrun run's parts, into FILE
+        plan.earlier = captioned(Path(args.output), args.format)
+        done = {identity(r["image"]) for r in plan.earlier}
+        plan.todo = [(path, root) for path, root in found if identity(path) not in done]
     else:
-        todo = found
-    skipped = len(found) - len(todo)
-    if skipped and master:
-        print(f"{skipped} of {len(found)} pictures have their caption already: skipped", file=sys.stderr)
-    mine = todo[rank::world]  # this process's share
+        plan.todo = found
+    skipped = len(found) - len(plan.todo)
+    if skipped:
+        print(f"{skipped} of {len(found)} pictures have their caption already: skipped"
+              + (f" (journal {shown(plan.journal)})" if plan.journal and Path(plan.journal).is_file() else ""),
+              file=sys.stderr)
+    if not plan.todo:
+        print("nothing left to caption", file=sys.stderr)
+        return replace(plan, stop=1 if plan.failed else 0)
+    return plan
 
+
+def apart(found: list, sidecars: Sidecars, failed: int) -> tuple[list, int]:
+    """Pictures whose caption files would be one file (a.jpg and a.png; A.jpg and a.png, one file where
+    names ignore case) are each named and left out; the rest go on."""
+    by_target = {}
+    for path, root in found:
+        by_target.setdefault(str(sidecars.target(path, root)).casefold(), []).append((path, root))
+    clashing = set()
+    for pairs in by_target.values():
+        if len(pairs) > 1:
+            names = " and ".join(shown(path) for path, _ in pairs)
+            print(f"error: {names} would write one caption file, {shown(sidecars.target(*pairs[0]))}: none of them "
+                  "is captioned", file=sys.stderr)
+            clashing.update(path for path, _ in pairs)
+    return [(path, root) for path, root in found if path not in clashing], failed + len(clashing)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world = distributed()
+    plan = make_plan(args) if rank == 0 else None  # rank 0 lists and decides; the others get its plan
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [replace(plan, earlier=[]) if plan else None]
+        dist.broadcast_object_list(box, src=0)
+        plan = plan or box[0]
+    if plan.stop is not None:
+        return plan.stop
+    mine = plan.todo[rank::world]  # this process's share
+    journal = Journal(plan.journal) if plan.journal else None
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill stops like Ctrl-C
+    try:
+        failed = caption_share(args, mine, journal, master=rank == 0, world=world) if mine else 0
+    except KeyboardInterrupt:
+        print("interrupted: every caption made so far is written; run again to do the rest"
+              + (" (with --resume)" if args.output and not args.sidecar else ""), file=sys.stderr)
+        return 130
+    except CheckpointError as e:  # the checkpoint cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
+    if world > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor([failed])
+        dist.all_reduce(total)  # every part is written, too
+        failed = int(total)
+    if rank == 0:
+        failed += plan.failed
+        finish(args, plan, world, failed)
+    return 1 if failed else 0
+
+
+def caption_share(args, mine: list, journal, master: bool, world: int) -> int:
+    """Caption this process's pictures and write their captions; returns how many failed."""
     try:
         captioner = Captioner.from_pretrained(args.checkpoint, args.device, args.dtype)
         matcher = Matcher.from_pretrained(args.rerank, args.device, args.dtype) if args.rerank else None
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # a folder that is not a checkpoint, a device that is not there
+        raise CheckpointError(str(e)) from e
     words = [w.strip() for w in args.bad_words.split(",") if w.strip()]
     if words:  # each word's tokens in this checkpoint's vocabulary
         bad = tuple(tuple(captioner.tokenizer.tokens(w)) for w in words)
         args.decode, args.sampling = (replace(c, bad_words_ids=bad) for c in (args.decode, args.sampling))
-
-    # --- where captions go ----------------------------------------------------------------------------
+    sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir) if args.sidecar else None
     if sidecars is not None or not args.output:
         opened = nullcontext(sys.stdout)
     elif world > 1:  # each process its own part, merged in input order at the end
-        opened = open(part_name(args.output, rank), "a" if args.resume else "w", newline="", encoding="utf-8")
+        opened = open(part_name(args.output, int(os.environ["RANK"])), "w", newline="", encoding="utf-8")
     else:
         opened = open(args.output, "a" if args.resume else "w", newline="", encoding="utf-8")
     generator = captioner.generator(args.seed)  # one random stream for the whole run
@@ -299,43 +360,45 @@ def main(argv=None) -> int:
     workers = args.workers if args.workers is not None else default_workers(len(mine), args.batch_size, captioner)
     loader = torch.utils.data.DataLoader(Pictures([path for path, _ in mine], captioner.image_size),
                                          batch_size=args.batch_size, num_workers=workers, collate_fn=list)
-    failed = len(problems) if master else 0
-    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill stops like Ctrl-C
-    try:
-        with opened as out, tqdm(total=len(mine), unit="picture", disable=len(mine) < 2 or not master,
-                                 file=sys.stderr, dynamic_ncols=True) as bar:
-            stream = Stream(out, args.format, scored=matcher is not None,
-                            header=not (out is not sys.stdout and out.tell() > 0))
-            for batch in loader:
-                good = [(i, pixels) for i, pixels in batch if torch.is_tensor(pixels)]
-                for i, error in batch:
-                    if not torch.is_tensor(error):
-                        tqdm.write(f"error: {error}", file=sys.stderr)
-                        stream.fail(mine[i][0], error)
-                        failed += 1
-                if good:
-                    failed += caption_batch(captioner, matcher, [mine[i] for i, _ in good],
-                                            torch.stack([p for _, p in good]), args, generator, stream, sidecars,
-                                            map_out)
-                bar.update(len(batch))
-    except KeyboardInterrupt:
-        print("interrupted: every caption made so far is written; run again to do the rest"
-              + (" (with --resume)" if args.output and not sidecars else ""), file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, on_term)
-    if world > 1:
-        import torch.distributed as dist
+    failed = 0
+    with opened as out, tqdm(total=len(mine), unit="picture", disable=len(mine) < 2 or not master,
+                             file=sys.stderr, dynamic_ncols=True) as bar:
+        stream = Stream(out, args.format, scored=matcher is not None,
+                        header=not (out is not sys.stdout and out.tell() > 0))
+        write = (lambda path, root, text, score: sidecars.write(path, root, text, journal)) if sidecars else \
+            (lambda path, root, text, score: stream.write(path, text, score))
+        for batch in loader:
+            good = [(i, pixels) for i, pixels in batch if torch.is_tensor(pixels)]
+            for i, error in batch:
+                if not torch.is_tensor(error):
+                    tqdm.write(f"error: {error}", file=sys.stderr)
+                    stream.fail(mine[i][0], error)
+                    failed += 1
+            if good:
+                failed += caption_batch(captioner, matcher, [mine[i] for i, _ in good],
+                                        torch.stack([p for _, p in good]), args, generator, stream, write, map_out)
+            bar.update(len(batch))
+    return failed
 
-        dist.barrier()  # every part is written
-        if master and args.output and sidecars is None:
-            merge_parts(Path(args.output), args.format, world, found, earlier, matcher is not None)
+
+def finish(args, plan: Plan, world: int, failed: int):
+    """Rank 0, once every process is done: the parts into FILE, error records that a later caption of
+    the same picture replaces dropped, the journal removed when nothing failed, and the count of failures."""
+    if args.output and not args.sidecar:
+        if world > 1:
+            merge_parts(Path(args.output), args.format, plan.todo, plan.earlier)
+        drop_superseded(Path(args.output), args.format)
+    if plan.journal is not None and Path(plan.journal).is_file():
+        if failed:
+            print(f"the journal {shown(plan.journal)} names the pictures done: the same command again tries "
+                  "the rest; remove it to start over", file=sys.stderr)
+        else:
+            Journal(plan.journal).remove()
     if failed:
-        print(f"{failed} of {len(todo) + len(problems)} inputs could not be captioned (named above)", file=sys.stderr)
-    return 1 if failed else 0
+        print(f"{failed} of {plan.inputs} inputs could not be captioned (named above)", file=sys.stderr)
 
 
-def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, sidecars, map_out) -> int:
+def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, write, map_out) -> int:
     """Caption one batch of pictures ((path, root) and their pixels) and write the captions; returns
     how many failed (an empty caption is a failure: no empty caption file is ever written)."""
     maps = [] if args.attention_map else None
@@ -343,7 +406,7 @@ def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, si
         tokens = captioner.encode(pixels)  # once, for the beam search and --rerank's samples
         captions = captioner.caption(tokens, args.prompt, args.decode, generator, attention=maps)
     if trace is not None:
-        names = ", ".join(str(path) for path, _ in batch)
+        names = ", ".join(shown(path) for path, _ in batch)
         tqdm.write("\n".join([f"trace of {names}", *trace.lines]), file=sys.stderr)
     failed = 0
     for i, ((path, root), caption) in enumerate(zip(batch, captions, strict=True)):
@@ -352,13 +415,11 @@ def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, si
             caption, score = rerank(captioner, matcher, path, tokens[i : i + 1], caption, args, generator)
         text = f"{args.prefix}{caption}{args.suffix}"
         if not text.strip():
-            tqdm.write(f"error: {path}: the model wrote an empty caption", file=sys.stderr)
+            tqdm.write(f"error: {shown(path)}: the model wrote an empty caption", file=sys.stderr)
             stream.fail(path, "empty caption")
             failed += 1
-        elif sidecars is not None:
-            sidecars.write(path, root, text)
         else:
-            stream.write(path, text, score)
+            write(path, root, text, score)
         if maps is not None:
             draw(load_image(path), *maps[i]).save(map_out[path])
     return failed
@@ -377,24 +438,52 @@ def part_name(output, rank: int) -> str:
     return f"{output}.part-{rank}"
 
 
-def merge_parts(output: Path, fmt: str, world: int, found, earlier: list[dict], scored: bool):
-    """torchrun: the processes' part files (and what FILE held before) -> FILE, the pictures in input
-    order as one process would have written them; the parts are removed."""
-    parts = sorted(output.parent.glob(f"{output.name}.part-*"))
-    order = {str(path): i for i, (path, _) in enumerate(found)}
-    new = [r for p in parts for r in read_records(p, fmt)]
-    new.sort(key=lambda r: order.get(r["image"], len(order)))
+def parts_of(output) -> list[Path]:
+    return sorted(Path(output).parent.glob(f"{Path(output).name}.part-*"))
+
+
+def rewrite(output: Path, fmt: str, records: list[dict], scored: bool):
+    """FILE holds `records`, whole (written beside it and renamed into place)."""
     tmp = output.with_name(output.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         stream = Stream(f, fmt, scored=scored)
-        for r in earlier + new:
+        for r in records:
             if "error" in r:
                 stream.fail(r["image"], r["error"])
             else:
                 stream.write(r["image"], r["caption"], float(r["score"]) if r.get("score") not in (None, "") else None)
     os.replace(tmp, output)
+
+
+def merge_parts(output: Path, fmt: str, todo: list, earlier: list[dict]):
+    """torchrun: the processes' part files (after what FILE held before) -> FILE, the pictures in input
+    order as one process would have written them; the parts are removed."""
+    parts = parts_of(output)
+    order = {identity(path): i for i, (path, _) in enumerate(todo)}
+    new = [r for p in parts for r in read_records(p, fmt)]
+    new.sort(key=lambda r: order.get(identity(r["image"]), len(order)))
+    rewrite(output, fmt, earlier + new, scored=any("score" in r for r in earlier + new))
     for p in parts:
         p.unlink()
+
+
+def fold_parts(output: Path, fmt: str):
+    """The parts of a killed torchrun run, appended to FILE (made if need be), before a --resume goes on."""
+    parts = parts_of(output)
+    if parts:
+        earlier = read_records(output, fmt) if output.is_file() else []
+        merge_parts(output, fmt, [], earlier)
+
+
+def drop_superseded(output: Path, fmt: str):
+    """An error record of a picture that a later run captioned is dropped from FILE (jsonl keeps errors)."""
+    if fmt != "jsonl" or not output.is_file():
+        return
+    records = read_records(output, fmt)
+    captioned = {identity(r["image"]) for r in records if "caption" in r}
+    kept = [r for r in records if "caption" in r or identity(r["image"]) not in captioned]
+    if len(kept) < len(records):
+        rewrite(output, fmt, kept, scored=any("score" in r for r in kept))
 
 
 if __name__ == "__main__":

@@ -82,12 +82,17 @@ def test_sidecars_existing_modes_broken_files_and_reruns(hf_taught, tmp_path, ca
     assert (out / "p02.caption").read_text().strip() == caption_of[paths[2]]
 
 
-def test_sidecars_that_would_collide_are_refused(hf_taught, tmp_path, capsys):
+def test_sidecars_that_would_collide_are_each_named_and_the_rest_captioned(hf_taught, tmp_path, capsys):
     _, folder = hf_taught
-    make_tree(tmp_path, 1)
-    shutil.copy(tmp_path / "sub" / "p00.jpg", tmp_path / "sub" / "p00.png")
+    paths = make_tree(tmp_path, 3)  # sub/p00.jpg, p01.png, p02.webp
+    shutil.copy(paths[0], tmp_path / "sub" / "p00.png")  # one file in any file system
+    shutil.copy(paths[1], tmp_path / "P01.jpg")  # one file where names ignore case (macOS, Windows)
     code, _, err = run(capsys, tmp_path, "--sidecar", "--checkpoint", folder)
-    assert code == 2 and "both write" in err and not list(tmp_path.rglob("*.txt"))
+    assert code == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'sub' / 'p00.jpg'} and {tmp_path / 'sub' / 'p00.png'} would write one caption file" in err
+    assert f"{tmp_path / 'P01.jpg'} and {paths[1]} would write one caption file" in err
+    assert "4 of 5 inputs could not be captioned" in err
+    assert sorted(tmp_path.rglob("*.txt")) == [paths[2].with_suffix(".txt")]
 
 
 def test_output_file_resume_failures_and_refusal(hf_taught, tmp_path, capsys):

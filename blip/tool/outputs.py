@@ -4,7 +4,10 @@ Captioning a data set takes hours and gets killed (spot machines, Ctrl-C), so ea
 - a stream or FILE gets each caption as soon as it exists (flushed); a FILE continued with --resume skips
   the pictures it already holds, after dropping a line the kill cut short;
 - a caption file ("sidecar": photo.jpg -> photo.txt) is written whole under a temporary name and renamed
-  into place, so it is the old file or the new one, never a partial or an empty one.
+  into place, so it is the old file or the new one, never a partial or an empty one;
+- a run that changes caption files that exist (--existing overwrite, append, prepend) keeps a journal of
+  the pictures it has done, so that the rerun after a kill skips them instead of appending twice.
+Paths are written as listing.shown() gives them: names that are not UTF-8 with their odd bytes escaped.
 """
 
 import csv
@@ -12,6 +15,8 @@ import io
 import json
 import os
 from pathlib import Path
+
+from blip.tool.listing import identity, shown
 
 EXISTING = ("skip", "overwrite", "append", "prepend")  # what to do with a picture's caption file that exists
 
@@ -31,16 +36,16 @@ class Stream:
     def write(self, path, caption: str, score: float | None = None):
         extra = {} if score is None else {"score": round(score, 6)}
         if self.fmt == "jsonl":
-            self.out.write(json.dumps({"image": str(path), "caption": caption, **extra}, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps({"image": shown(path), "caption": caption, **extra}, ensure_ascii=False) + "\n")
         elif self.fmt == "csv":
-            self.csv.writerow([str(path), caption, *extra.values()])
+            self.csv.writerow([shown(path), caption, *extra.values()])
         else:
-            self.out.write(f"{path}: {caption}\n")
+            self.out.write(f"{shown(path)}: {caption}\n")
         self.out.flush()
 
     def fail(self, path, error: str):
         if self.fmt == "jsonl":
-            self.out.write(json.dumps({"image": str(path), "error": error}, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps({"image": shown(path), "error": error}, ensure_ascii=False) + "\n")
             self.out.flush()
 
 
@@ -74,14 +79,48 @@ def read_records(path: Path, fmt: str) -> list[dict]:
     return [dict(zip(header, row, strict=False)) for row in rows[1:] if len(row) >= 2]
 
 
-def write_atomic(path: Path, text: str):
-    """`path` holds `text`, whole, or (after a kill) what it held before: never a part of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def read_any(path: Path) -> str:
+    """A text file written by any tool: UTF-8, else Windows' cp1252, else latin-1 (which reads any bytes)."""
+    data = path.read_bytes()
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1")
+
+
+def temporary(path: Path) -> Path:
+    """Where `path`'s next version is written before it is renamed into place: one name per file, so that
+    the run after a kill writes over (or finishes) what the killed one left."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+class Journal:
+    """The pictures a run that changes existing caption files has written, an identity per line. A picture
+    is journaled once its new caption file is whole on disk (under its temporary name) and before that is
+    renamed into place: the rerun after a kill finishes the rename and skips the picture. The journal is
+    removed when a run ends with every picture captioned."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def read(self) -> set[str]:
+        if not self.path.is_file():
+            return set()
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        return set(text[: text.rfind("\n") + 1].splitlines())  # not a last line that a kill cut short
+
+    def add(self, key: str):
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(key + "\n")
+        self.file.flush()
+
+    def remove(self):
+        if self.file is not None:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class Sidecars:
@@ -103,12 +142,25 @@ class Sidecars:
         """Does this picture still need a caption? (Not when its file exists and existing is skip.)"""
         return self.existing != "skip" or not self.target(image, root).is_file()
 
-    def write(self, image: Path, root: Path, caption: str):
+    def finish(self, image: Path, root: Path):
+        """A journaled picture: put its caption file in place if a kill came before the rename."""
+        path = self.target(image, root)
+        if temporary(path).is_file():
+            os.replace(temporary(path), path)
+
+    def write(self, image: Path, root: Path, caption: str, journal: Journal | None = None):
         path = self.target(image, root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        old = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+        old = read_any(path).strip() if self.existing in ("append", "prepend") and path.is_file() else ""
         if old and self.existing == "append":
             caption = old + self.separator + caption
         elif old and self.existing == "prepend":
             caption = caption + self.separator + old
-        write_atomic(path, caption + "\n")
+        tmp = temporary(path)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(caption + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if journal is not None:
+            journal.add(identity(image))
+        os.replace(tmp, path)
