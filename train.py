@@ -68,7 +68,7 @@ from blip.checkpoint import (
     weights_sha256,
 )
 from blip.config import BlipConfig, GenerationConfig
-from blip.lora import ATTENTION as LORA_TARGETS
+from blip.lora import DEFAULT as LORA_TARGETS
 from blip.lora import (
     TEXT_LAYERS,
     LoraConfig,
@@ -192,8 +192,8 @@ def add_optimizer_flags(a):
     a("--batch-size", type=int, help="(image, caption) pairs per optimizer step, all processes together\n"
       f"(default: 32; {plan.BATCH} for a small set fine-tuned)")
     a("--grad-accum", type=int, default=1, help="split each batch into this many micro-batches, to save memory")
-    a("--lr", type=float, help="peak learning rate (default: for the model's width and the batch, blip/tool/plan.py;\n"
-      f"{RECIPE['scratch']['lr']:g} from scratch)")
+    a("--lr", type=float, help="peak learning rate (default: for the model's width and the batch, blip/tool/plan.py,\n"
+      f"{plan.LORA_LR_SCALE}x that with --lora on a small set; {RECIPE['scratch']['lr']:g} from scratch)")
     a("--vision-lr-scale", type=float, help=f"the ViT learns at lr times this (default: {plan.VISION_LR_SCALE:g} for a "
       "small set,\n1 for a large one, 0.1 from scratch)")
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, embeddings "
@@ -617,8 +617,9 @@ def plan_run(args, data: Data, setup: Setup) -> bool:
     if small:
         batch = batch or min(plan.BATCH, n)
         steps = args.max_steps or (plan.small_set_steps(n, batch) if args.epochs is None else None)
-        chosen = {"lr": plan.small_set_lr(width, batch), "max_steps": steps, "patience": 0 if data.keep_last
-                  else plan.PATIENCE, "eval_every": max(1, steps // 10) if steps else None,
+        chosen = {"lr": plan.small_set_lr(width, batch, lora=bool(args.lora)), "max_steps": steps,
+                  "patience": 0 if data.keep_last else plan.PATIENCE,
+                  "eval_every": max(1, steps // 10) if steps else None,
                   "vision_lr_scale": plan.VISION_LR_SCALE, "augment": "flip"}
     elif args.init != "scratch":  # BLIP's rate, at this width and batch
         batch = batch or RECIPE["pretrained"]["batch_size"]

@@ -46,7 +46,7 @@ import torch
 from common import add_common_args, alternate, apply_common_args, same_weights
 
 from blip import BlipCaptioner
-from blip.lora import ATTENTION, LoraConfig, add_lora, add_token_rows, lora_state_dict, parse_targets
+from blip.lora import DEFAULT, LoraConfig, add_lora, add_token_rows, lora_state_dict, parse_targets
 from blip.lora import TARGETS as LORA_TARGETS
 from blip.model import caption_labels, caption_loss
 from blip.speed.memory import keep_freed_memory
@@ -298,10 +298,9 @@ def main():
     p.add_argument("--modes", nargs="+", choices=FINETUNE, default=list(FINETUNE),
                    help="fine-tuning modes to measure (default: all; HF runs full and lora)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank, both sides (alpha = 2 x rank)")
-    p.add_argument("--lora-targets", default=",".join(ATTENTION),
+    p.add_argument("--lora-targets", default=",".join(DEFAULT),
                    help="comma-separated layers to adapt, as train.py's --lora-targets (default: train.py's, the "
-                   "attention projections); "
-                        "HF's are the same layers under HF's names")
+                   "attention projections and the text MLP); HF's are the same layers under HF's names")
     p.add_argument("--lora-tokens", type=int, default=300, metavar="N",
                    help="with LoRA, the word-embedding rows of N tokens train too, as train.py --lora-tokens data "
                    "(HF: peft's trainable_token_indices; default: 300, a few hundred words' pieces; 0: none)")

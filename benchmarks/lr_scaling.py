@@ -2,7 +2,7 @@
 default learning rate for small sets (blip/tool/plan.py).
 
 For each preset (tiny, width 128; small, width 256), a shapes model is trained from scratch, then
-fine-tuned on N pitch pictures (the transfer task of demo.py --transfer) at each batch and each
+fine-tuned on N pitch pictures (the transfer task of transfer.py) at each batch and each
 learning rate lr = c x 128 / width, for the same number of epochs whatever the batch (the same
 compute). Each run keeps its best evaluation on the pitch validation split; the table gives that
 best validation exact-caption score and CIDEr-D. If the best c is the same at both widths, the

@@ -145,7 +145,7 @@ def usage_error(capsys, *argv) -> str:
 def test_lora_targets_are_never_rewritten(capsys):
     lora = ["--data", "d", "--lora", "4"]
     assert train.parse_args([*lora]).lora_targets == ",".join(train.LORA_TARGETS)
-    assert train.parse_args([*lora, "--freeze-vision"]).lora_targets == "query,key,value,out"
+    assert train.parse_args([*lora, "--freeze-vision"]).lora_targets == "query,key,value,out,text.fc1,text.fc2"
     assert train.parse_args([*lora, "--freeze-vision", "--lora-targets", "text.fc1,query"]).lora_targets \
         == "text.fc1,query"
     assert train.parse_args([*lora, "--lora-targets", "vision.fc1"]).lora_targets == "vision.fc1"

@@ -2,7 +2,7 @@
 their sails' colour, which way they sail and where they are ("two red boats sailing left at the top
 right").
 
-It checks what blip/tool/pitch.py was used to tune: the transfer recipe (demo.py --transfer) was chosen
+It checks what blip/tool/pitch.py was used to tune: the small-set defaults (blip/tool/plan.py) were chosen
 on pitch pictures, and is then run unchanged on these. Like pitch it shares shapes' colours and 3 x 3
 places and adds new words ("boat", "boats", "sailing") and a new background; unlike pitch, each caption
 also says which way the boats head, which a horizontal flip turns round (as it turns "left" into

@@ -6,7 +6,7 @@ It shares words and concepts with blip/tool/shapes.py (the shirt colours are sha
 places its 3 x 3 grid) and adds new ones: a player figure (a shirt with a head and legs), counting
 one or two of them, "player"/"players", "ball", and a striped pitch in place of a grey background.
 A model trained on shapes knows half of every caption; one trained from scratch on a few pitch
-pictures has to learn all of it (demo.py --transfer). Measured in designing it: on a dark green
+pictures has to learn all of it (transfer.py). Measured in designing it: on a dark green
 pitch the shapes model saw one "large green square" in every picture, on this light one it reads
 shirt colours and places from the start; with player sizes in the captions as well, two small
 players were read as one large one, and smaller players were counted worse.
