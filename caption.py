@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +28,10 @@ from blip.config import BlipConfig
 from blip.decoding import SAMPLING, DecodeConfig, changed
 from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
 from blip.tool.attention_map import draw
+from blip.tool.caption_plan import Plan, make_plan
 from blip.tool.captioner import Captioner, Matcher
-from blip.tool.listing import Listing, identity, shown
-from blip.tool.outputs import EXISTING, Journal, Sidecars, Stream, captioned, read_records
+from blip.tool.listing import shown
+from blip.tool.outputs import EXISTING, Journal, Sidecars, Stream, drop_superseded, merge_parts, part_name, parts_of
 from blip.tool.trace import Trace
 
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
@@ -217,88 +218,6 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-@dataclass
-class Plan:
-    """What a run does, decided once by rank 0 and sent to the other processes: the pictures left to
-    caption [(path, the folder it was found in)], how many inputs there were and how many already failed
-    (bad arguments, colliding caption files), the exit code when there is nothing to do, and where the
-    journal of a run that changes existing caption files is kept."""
-
-    todo: list = field(default_factory=list)
-    inputs: int = 0
-    failed: int = 0
-    stop: int | None = None
-    journal: Path | None = None
-    earlier: list = field(default_factory=list)  # rank 0 only: FILE's records, kept in front of the new ones
-
-
-def make_plan(args) -> Plan:
-    """Rank 0: list the pictures, and leave out those done before (their caption file exists, FILE holds
-    them, or the journal of an interrupted run names them)."""
-    listing = Listing(args.paths, args.hidden)
-    for problem in listing.problems:
-        print(f"error: {problem}", file=sys.stderr)
-    unique = {}
-    for path, root in listing.pictures:
-        unique.setdefault(identity(path), (path, root))  # a picture named twice is captioned once
-    found = list(unique.values())
-    plan = Plan(inputs=len(found) + len(listing.problems), failed=len(listing.problems))
-    if not found:
-        return replace(plan, stop=1)
-    if not Path(args.checkpoint).is_dir():
-        print(f"error: no checkpoint folder at {args.checkpoint}; make one with "
-              f"`python convert_weights.py Salesforce/blip-image-captioning-base {args.checkpoint}` "
-              "(docs/checkpoints.md)", file=sys.stderr)
-        return replace(plan, stop=1)
-    if args.sidecar:
-        sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir)
-        found, plan.failed = apart(found, sidecars, plan.failed)
-        done = set()
-        if args.existing != "skip":
-            plan.journal = Path(args.output_dir or found[0][1] if found else ".") / \
-                f".caption-{args.existing}{sidecars.ext}.journal"
-            done = Journal(plan.journal).read()
-        for path, root in found:
-            if identity(path) in done:
-                sidecars.finish(path, root)  # a kill between its journal line and its rename
-            elif sidecars.pending(path, root):
-                plan.todo.append((path, root))
-        for tmp in listing.stale:  # what killed runs left and no journal claims
-            tmp.unlink(missing_ok=True)
-    elif args.output and args.resume and (Path(args.output).is_file() or parts_of(args.output)):
-        fold_parts(Path(args.output), args.format)  # a killed torchrun run's parts, into FILE
-        plan.earlier = captioned(Path(args.output), args.format)
-        done = {identity(r["image"]) for r in plan.earlier}
-        plan.todo = [(path, root) for path, root in found if identity(path) not in done]
-    else:
-        plan.todo = found
-    skipped = len(found) - len(plan.todo)
-    if skipped:
-        print(f"{skipped} of {len(found)} pictures have their caption already: skipped"
-              + (f" (journal {shown(plan.journal)})" if plan.journal and Path(plan.journal).is_file() else ""),
-              file=sys.stderr)
-    if not plan.todo:
-        print("nothing left to caption", file=sys.stderr)
-        return replace(plan, stop=1 if plan.failed else 0)
-    return plan
-
-
-def apart(found: list, sidecars: Sidecars, failed: int) -> tuple[list, int]:
-    """Pictures whose caption files would be one file (a.jpg and a.png; A.jpg and a.png, one file where
-    names ignore case) are each named and left out; the rest go on."""
-    by_target = {}
-    for path, root in found:
-        by_target.setdefault(str(sidecars.target(path, root)).casefold(), []).append((path, root))
-    clashing = set()
-    for pairs in by_target.values():
-        if len(pairs) > 1:
-            names = " and ".join(shown(path) for path, _ in pairs)
-            print(f"error: {names} would write one caption file, {shown(sidecars.target(*pairs[0]))}: none of them "
-                  "is captioned", file=sys.stderr)
-            clashing.update(path for path, _ in pairs)
-    return [(path, root) for path, root in found if path not in clashing], failed + len(clashing)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = distributed()
@@ -432,58 +351,6 @@ def default_workers(n: int, batch_size: int, captioner) -> int:
     if n <= batch_size:
         return 0
     return 1 if captioner.device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
-def part_name(output, rank: int) -> str:
-    return f"{output}.part-{rank}"
-
-
-def parts_of(output) -> list[Path]:
-    return sorted(Path(output).parent.glob(f"{Path(output).name}.part-*"))
-
-
-def rewrite(output: Path, fmt: str, records: list[dict], scored: bool):
-    """FILE holds `records`, whole (written beside it and renamed into place)."""
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        stream = Stream(f, fmt, scored=scored)
-        for r in records:
-            if "error" in r:
-                stream.fail(r["image"], r["error"])
-            else:
-                stream.write(r["image"], r["caption"], float(r["score"]) if r.get("score") not in (None, "") else None)
-    os.replace(tmp, output)
-
-
-def merge_parts(output: Path, fmt: str, todo: list, earlier: list[dict]):
-    """torchrun: the processes' part files (after what FILE held before) -> FILE, the pictures in input
-    order as one process would have written them; the parts are removed."""
-    parts = parts_of(output)
-    order = {identity(path): i for i, (path, _) in enumerate(todo)}
-    new = [r for p in parts for r in read_records(p, fmt)]
-    new.sort(key=lambda r: order.get(identity(r["image"]), len(order)))
-    rewrite(output, fmt, earlier + new, scored=any("score" in r for r in earlier + new))
-    for p in parts:
-        p.unlink()
-
-
-def fold_parts(output: Path, fmt: str):
-    """The parts of a killed torchrun run, appended to FILE (made if need be), before a --resume goes on."""
-    parts = parts_of(output)
-    if parts:
-        earlier = read_records(output, fmt) if output.is_file() else []
-        merge_parts(output, fmt, [], earlier)
-
-
-def drop_superseded(output: Path, fmt: str):
-    """An error record of a picture that a later run captioned is dropped from FILE (jsonl keeps errors)."""
-    if fmt != "jsonl" or not output.is_file():
-        return
-    records = read_records(output, fmt)
-    captioned = {identity(r["image"]) for r in records if "caption" in r}
-    kept = [r for r in records if "caption" in r or identity(r["image"]) not in captioned]
-    if len(kept) < len(records):
-        rewrite(output, fmt, kept, scored=any("score" in r for r in kept))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,59 @@ class Stream:
             self.out.flush()
 
 
+# --- FILE under torchrun: a part per process, merged at the end or taken in by a --resume ------------------
+def part_name(output, rank: int) -> str:
+    return f"{output}.part-{rank}"
+
+
+def parts_of(output) -> list[Path]:
+    return sorted(Path(output).parent.glob(f"{Path(output).name}.part-*"))
+
+
+def rewrite(output: Path, fmt: str, records: list[dict], scored: bool):
+    """FILE holds `records`, whole (written beside it and renamed into place)."""
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        stream = Stream(f, fmt, scored=scored)
+        for r in records:
+            if "error" in r:
+                stream.fail(r["image"], r["error"])
+            else:
+                stream.write(r["image"], r["caption"], float(r["score"]) if r.get("score") not in (None, "") else None)
+    os.replace(tmp, output)
+
+
+def merge_parts(output: Path, fmt: str, todo: list, earlier: list[dict]):
+    """torchrun: the processes' part files (after what FILE held before) -> FILE, the pictures in input
+    order as one process would have written them; the parts are removed."""
+    parts = parts_of(output)
+    order = {identity(path): i for i, (path, _) in enumerate(todo)}
+    new = [r for p in parts for r in read_records(p, fmt)]
+    new.sort(key=lambda r: order.get(identity(r["image"]), len(order)))
+    rewrite(output, fmt, earlier + new, scored=any("score" in r for r in earlier + new))
+    for p in parts:
+        p.unlink()
+
+
+def fold_parts(output: Path, fmt: str):
+    """The parts of a killed torchrun run, appended to FILE (made if need be), before a --resume goes on."""
+    parts = parts_of(output)
+    if parts:
+        earlier = read_records(output, fmt) if output.is_file() else []
+        merge_parts(output, fmt, [], earlier)
+
+
+def drop_superseded(output: Path, fmt: str):
+    """An error record of a picture that a later run captioned is dropped from FILE (jsonl keeps errors)."""
+    if fmt != "jsonl" or not output.is_file():
+        return
+    records = read_records(output, fmt)
+    captioned = {identity(r["image"]) for r in records if "caption" in r}
+    kept = [r for r in records if "caption" in r or identity(r["image"]) not in captioned]
+    if len(kept) < len(records):
+        rewrite(output, fmt, kept, scored=any("score" in r for r in kept))
+
+
 def captioned(path: Path, fmt: str) -> list[dict]:
     """The caption records a jsonl or csv FILE holds ({"image", "caption", ...}), in order; error
     records are left out (their pictures are tried again)."""
@@ -141,6 +194,14 @@ class Sidecars:
     def pending(self, image: Path, root: Path) -> bool:
         """Does this picture still need a caption? (Not when its file exists and existing is skip.)"""
         return self.existing != "skip" or not self.target(image, root).is_file()
+
+    def clashes(self, pictures: list) -> list[list]:
+        """Groups of (picture, root) whose caption files would be one file: a.jpg and a.png; A.jpg and a.png,
+        one file where names ignore case (macOS, Windows)."""
+        by_target = {}
+        for path, root in pictures:
+            by_target.setdefault(str(self.target(path, root)).casefold(), []).append((path, root))
+        return [pairs for pairs in by_target.values() if len(pairs) > 1]
 
     def finish(self, image: Path, root: Path):
         """A journaled picture: put its caption file in place if a kill came before the rename."""
