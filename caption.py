@@ -29,9 +29,11 @@ from blip.decoding import SAMPLING, DecodeConfig, changed
 from blip.image import IMAGE_SUFFIXES, ImageError, eval_transform, load_image
 from blip.tool.attention_map import draw
 from blip.tool.caption_plan import Plan, make_plan
-from blip.tool.captioner import Captioner, Matcher
+from blip.tool.caption_shards import caption_shards
+from blip.tool.captioner import Captioner, Matcher, rerank
 from blip.tool.listing import shown
 from blip.tool.outputs import EXISTING, Journal, Sidecars, Stream, drop_superseded, merge_parts, part_name, parts_of
+from blip.tool.shards import shard_arguments
 from blip.tool.trace import Trace
 
 DEFAULT_CHECKPOINT = "checkpoints/blip-base"
@@ -78,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run (default: auto, a GPU when there is one)")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="weights and activations (default: auto, fp32 on CPU, bf16/fp16 on GPU)")
-    p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text",
+    p.add_argument("--format", choices=["text", "jsonl", "csv", "parquet"],
                    help="text: 'PATH: caption' lines; jsonl: {\"image\": PATH, \"caption\": TEXT} lines; "
-                   "csv: image,caption rows (default: text)")
+                   "csv: image,caption rows (default: text); shards: parquet (default) or jsonl, with the key "
+                   "in place of PATH")
     p.add_argument("--output", metavar="FILE", help="write captions to FILE instead of standard output (an existing "
                    "FILE is refused unless --resume)")
     p.add_argument("--resume", action="store_true", help="with --output FILE (jsonl or csv): skip the pictures FILE "
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each caption to a file beside its picture, photo.jpg -> photo.EXT (default EXT: .txt); "
                    "written whole or not at all")
     p.add_argument("--output-dir", metavar="DIR", help="with --sidecar: caption files go under DIR, at each picture's "
-                   "place in the folder it was found in")
+                   "place in the folder it was found in; with shards: DIR/<shard>.parquet (or .jsonl) per shard, "
+                   "written whole once the shard is captioned (a rerun skips the shards that have one)")
     p.add_argument("--existing", choices=EXISTING, default="skip",
                    help="with --sidecar, a picture whose caption file exists: skip it (default: a rerun does only what "
                    "is left), overwrite the file, or append / prepend the new caption to it (a journal, "
@@ -128,8 +132,14 @@ def parse_args(argv=None):
         p.error(f"--sidecar {args.sidecar} would write each caption over a picture: give a text suffix, such as .txt")
     if args.sidecar and args.output:
         p.error("--sidecar writes a caption file per picture; give it or --output FILE, not both")
-    if args.output_dir and not args.sidecar:
-        p.error("--output-dir is where --sidecar's caption files go: add --sidecar")
+    args.shards, pictures = shard_arguments(args.paths)
+    if args.shards:
+        check_shard_args(p, args, pictures)
+    elif args.format == "parquet":
+        p.error("--format parquet is for shard inputs (tar or parquet files) and their --output-dir")
+    elif args.output_dir and not args.sidecar:
+        p.error("--output-dir is where --sidecar's caption files (or shard inputs' outputs) go: add --sidecar")
+    args.format = args.format or "text"
     if args.resume and not (args.output and args.format in ("jsonl", "csv")):
         p.error("--resume continues an --output FILE in jsonl or csv (--sidecar runs skip finished pictures "
                 "by themselves)")
@@ -158,6 +168,22 @@ def parse_args(argv=None):
     return args
 
 
+def check_shard_args(p, args, pictures: list[str]):
+    """Shards (tar or parquet files) are captioned into an output per shard in --output-dir, nothing else."""
+    if pictures:
+        p.error(f"give shards (tar or parquet files) or pictures in one run, not both: {pictures[0]} is not a shard")
+    if not args.output_dir:
+        p.error("shards are captioned into an output per shard: add --output-dir DIR")
+    for flag, given in (("--sidecar", args.sidecar), ("--output", args.output), ("--resume", args.resume),
+                        ("--attention-map", args.attention_map), ("--trace", args.trace)):
+        if given:
+            p.error(f"{flag} is for pictures, not shards (their captions go to --output-dir, and a rerun "
+                    "skips the shards done)")
+    if args.format not in (None, "parquet", "jsonl"):
+        p.error(f"shard outputs are parquet or jsonl, not {args.format}")
+    args.format = args.format or "parquet"
+
+
 def checkpoint_config(folder) -> BlipConfig:
     """The checkpoint's config, for its prompt and decoding defaults; BLIP's when the folder cannot be
     read (main() then says why, in one line)."""
@@ -182,18 +208,6 @@ class Pictures(torch.utils.data.Dataset):
             return i, eval_transform(load_image(self.files[i]), self.size)
         except ImageError as e:
             return i, str(e)
-
-
-def rerank(captioner, matcher, image, tokens, caption: str, args, generator) -> tuple[str, float]:
-    """The beam-search caption and --candidates - 1 nucleus samples (args.sampling) of one image, whose
-    (1, N, C) tokens the beam search read -> the candidate the matching model scores best, and its
-    score (ties: the earlier candidate, the beam's first)."""
-    n = args.candidates - 1
-    others = captioner.samples(tokens, n, args.prompt, args.sampling, generator) if n else []
-    candidates = list(dict.fromkeys([caption, *others]))  # distinct, in order
-    scores = matcher.scores(image, candidates)
-    best = int(scores.argmax())
-    return candidates[best], float(scores[best])
 
 
 def map_paths(out: str, images: list[Path]) -> dict[Path, Path]:
@@ -267,6 +281,10 @@ def caption_share(args, mine: list, journal, master: bool, world: int) -> int:
     if words:  # each word's tokens in this checkpoint's vocabulary
         bad = tuple(tuple(captioner.tokenizer.tokens(w)) for w in words)
         args.decode, args.sampling = (replace(c, bad_words_ids=bad) for c in (args.decode, args.sampling))
+    if args.shards:  # whole shards, each into its own output
+        # a reader process reads whole shards: no more of them than shards
+        workers = min(default_workers(sys.maxsize, 1, captioner), len(mine)) if args.workers is None else args.workers
+        return caption_shards(args, mine, captioner, matcher, workers, master)
     sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir) if args.sidecar else None
     if sidecars is not None or not args.output:
         opened = nullcontext(sys.stdout)
@@ -313,7 +331,10 @@ def finish(args, plan: Plan, world: int, failed: int):
                   "the rest; remove it to start over", file=sys.stderr)
         else:
             Journal(plan.journal).remove()
-    if failed:
+    if failed and args.shards:
+        print(f"{failed} samples or shards could not be captioned (named above; a bad sample in its shard's output "
+              "too; a shard without output is tried again by a rerun)", file=sys.stderr)
+    elif failed:
         print(f"{failed} of {plan.inputs} inputs could not be captioned (named above)", file=sys.stderr)
 
 
@@ -331,7 +352,8 @@ def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, wr
     for i, ((path, root), caption) in enumerate(zip(batch, captions, strict=True)):
         score = None
         if matcher is not None:
-            caption, score = rerank(captioner, matcher, path, tokens[i : i + 1], caption, args, generator)
+            caption, score = rerank(captioner, matcher, path, tokens[i : i + 1], caption, args.prompt,
+                                        args.sampling, args.candidates, generator)
         text = f"{args.prefix}{caption}{args.suffix}"
         if not text.strip():
             tqdm.write(f"error: {shown(path)}: the model wrote an empty caption", file=sys.stderr)

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blip.tool.listing import Listing, identity, shown
-from blip.tool.outputs import Journal, Sidecars, captioned, fold_parts, parts_of
+from blip.tool.outputs import Journal, Sidecars, captioned, fold_parts, parts_of, temporary
+from blip.tool.shards import list_shards, output_path
 
 
 @dataclass
 class Plan:
     """What a run does, decided once by rank 0 and sent to the other processes: the pictures left to
-    caption [(path, the folder it was found in)], how many inputs there were and how many already failed
-    (bad arguments, colliding caption files), the exit code when there is nothing to do, and where the
-    journal of a run that changes existing caption files is kept."""
+    caption [(path, the folder it was found in)] (for shard inputs: [(shard, its output)]), how many
+    inputs there were and how many already failed (bad arguments, colliding caption files or outputs), the
+    exit code when there is nothing to do, and where the journal of a run that changes existing caption
+    files is kept."""
 
     todo: list = field(default_factory=list)
     inputs: int = 0
@@ -33,6 +35,8 @@ class Plan:
 def make_plan(args) -> Plan:
     """Rank 0: list the pictures, and leave out those done before (their caption file exists, FILE holds
     them, or the journal of an interrupted run names them)."""
+    if args.shards:
+        return shard_plan(args)
     listing = Listing(args.paths, args.hidden)
     for problem in listing.problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -43,10 +47,7 @@ def make_plan(args) -> Plan:
     plan = Plan(inputs=len(found) + len(listing.problems), failed=len(listing.problems))
     if not found:
         return replace(plan, stop=1)
-    if not Path(args.checkpoint).is_dir():
-        print(f"error: no checkpoint folder at {args.checkpoint}; make one with "
-              f"`python convert_weights.py Salesforce/blip-image-captioning-base {args.checkpoint}` "
-              "(docs/checkpoints.md)", file=sys.stderr)
+    if no_checkpoint(args.checkpoint):
         return replace(plan, stop=1)
     if args.sidecar:
         sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir)
@@ -79,6 +80,51 @@ def make_plan(args) -> Plan:
         print("nothing left to caption", file=sys.stderr)
         return replace(plan, stop=1 if plan.failed else 0)
     return plan
+
+
+def no_checkpoint(folder) -> bool:
+    if Path(folder).is_dir():
+        return False
+    print(f"error: no checkpoint folder at {folder}; make one with "
+          f"`python convert_weights.py Salesforce/blip-image-captioning-base {folder}` (docs/checkpoints.md)",
+          file=sys.stderr)
+    return True
+
+
+def shard_plan(args) -> Plan:
+    """Rank 0, shard inputs: the shards [(shard, its output)] whose output is not yet in --output-dir. Shards
+    whose outputs would be one file, or would be the shard itself, are named and left out; the temporary
+    outputs of killed runs are removed."""
+    shards, problems = list_shards(args.shards)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    plan = Plan(inputs=len(shards) + len(problems), failed=len(problems))
+    if not shards:
+        return replace(plan, stop=1)
+    if no_checkpoint(args.checkpoint):
+        return replace(plan, stop=1)
+    by_output = {}
+    for shard in shards:
+        by_output.setdefault(output_path(args.output_dir, shard, args.format), []).append(shard)
+    todo, bad = [], 0
+    for out, same in by_output.items():
+        if len(same) > 1 or identity(out) == identity(same[0]):
+            names = " and ".join(shown(s) for s in same)
+            print(f"error: {names} would write {'one output' if len(same) > 1 else 'its output over itself'}, "
+                  f"{shown(out)}: not captioned; give another --output-dir", file=sys.stderr)
+            bad += len(same)
+            continue
+        temporary(out).unlink(missing_ok=True)  # what a killed run left
+        if not out.is_file():
+            todo.append((same[0], out))
+    plan.failed += bad
+    if len(todo) < len(shards) - bad:
+        print(f"{len(shards) - bad - len(todo)} of {len(shards)} shards have their output in "
+              f"{shown(args.output_dir)} already: skipped", file=sys.stderr)
+    if not todo:
+        print("nothing left to caption", file=sys.stderr)
+        return replace(plan, stop=1 if plan.failed else 0)
+    return replace(plan, todo=todo)
 
 
 def apart(found: list, sidecars: Sidecars, failed: int) -> tuple[list, int]:

@@ -157,3 +157,16 @@ class Matcher(OnDevice):
         ids[:, 0] = self.tokenizer.cls_id  # texts start with [CLS] for matching, as HF's processor writes them
         image_tokens = self.model.visual_encoder(pixels)  # encoded once, read by every text
         return self.model.match(image_tokens, ids.to(self.device), mask.to(self.device)).float().cpu()
+
+
+def rerank(captioner: Captioner, matcher: Matcher, image, tokens, caption: str, prompt: str, sampling: DecodeConfig,
+           candidates: int, generator) -> tuple[str, float]:
+    """The beam-search `caption` and `candidates` - 1 captions drawn by `sampling` of one image (PIL image or
+    path), whose (1, N, C) tokens the beam search read -> the candidate the matching model scores best, and
+    its score (ties: the earlier candidate, the beam's first)."""
+    n = candidates - 1
+    others = captioner.samples(tokens, n, prompt, sampling, generator) if n else []
+    texts = list(dict.fromkeys([caption, *others]))  # distinct, in order
+    scores = matcher.scores(image, texts)
+    best = int(scores.argmax())
+    return texts[best], float(scores[best])
