@@ -128,19 +128,25 @@ def parquet_samples(shard: Path):
     column = next((c for c in IMAGE_COLUMNS if c in names), None)
     if column is None:
         raise ShardError(f"{shard}: no image column (one of {', '.join(IMAGE_COLUMNS)}); it has {', '.join(names)}")
-    columns = [column] + (["key"] if "key" in names else [])
+    columns = [c for c in (*IMAGE_COLUMNS, "key") if c in names]
     row = itertools.count()
     try:
         for group in range(f.num_row_groups):
-            table = f.read_row_group(group, columns=columns).to_pylist()
-            for record in table:
-                n, image = next(row), record[column]
-                path = None
-                if isinstance(image, dict):  # HF datasets' Image feature: {bytes, path}
-                    image, path = image.get("bytes"), image.get("path")
-                yield str(record.get("key") or path or n), image
+            for record in f.read_row_group(group, columns=columns).to_pylist():
+                yield key_and_image(record, next(row))
     except OSError as e:
         raise ShardError(f"{shard}: cannot be read on ({e})") from None
+
+
+def key_and_image(record: dict, n: int) -> tuple[str, bytes | None]:
+    """A row of a shard (parquet's columns, or a webdataset sample's {__key__, jpg, ...} as Ray Data reads it)
+    -> (its key, its image bytes or None). `n`: the row's number, the key when there is no other."""
+    # the first column that holds bytes (a sample without that suffix holds None, or NaN in a Ray batch)
+    image = next((record[c] for c in IMAGE_COLUMNS if isinstance(record.get(c), (bytes, dict))), None)
+    path = None
+    if isinstance(image, dict):  # HF datasets' Image feature: {bytes, path}
+        image, path = image.get("bytes"), image.get("path")
+    return str(record.get("__key__") or record.get("key") or path or n), image
 
 
 # --- writing a shard's captions, whole or not at all ------------------------------------------------------
