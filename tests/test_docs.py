@@ -109,7 +109,7 @@ def test_link_check_finds_broken_links(tmp_path):
 
 
 # --- command lines -------------------------------------------------------------------------------------
-SCRIPTS = ("train", "caption", "convert_weights", "filter_data", "demo", "blend", "transfer")
+SCRIPTS = ("train", "caption", "convert_weights", "filter_data", "demo", "blend", "transfer", "caption_ray")
 def shell_blocks(text: str) -> list[tuple[int, list[str]]]:
     """(first line number, lines) of every fenced block marked bash/sh/shell, or not marked at all."""
     blocks, fence, start, body = [], None, 0, []
