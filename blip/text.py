@@ -7,6 +7,8 @@ matrix is the word-embedding matrix (tied). Matches HF `BlipTextLMHeadModel` and
 `models/med.py`; only the parameter names differ (see blip/tool/convert.py for the table).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +40,23 @@ class Attention(nn.Module):
     def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_heads(self.key(source)), self.split_heads(self.value(source))
 
-    def forward(self, x, k, v, mask=None, is_causal=False, weights: list | None = None) -> torch.Tensor:
-        """x: (B, T, C) queries; k, v: (Bk, heads, S, hd) with B = G * Bk.
+    def queries(self, x: torch.Tensor, Bk: int) -> torch.Tensor:
+        """(B, T, C) -> (Bk, heads, G*T, hd) queries, B = G * Bk: the G sequences that share one set of
+        keys/values (the beams of one image) folded into one longer query axis."""
+        B, T, C = x.shape
+        q = self.split_heads(self.query(x))  # (B, heads, T, hd)
+        return q.view(Bk, B // Bk, self.heads, T, C // self.heads).transpose(1, 2).flatten(2, 3)
+
+    def outputs(self, y: torch.Tensor, B: int) -> torch.Tensor:
+        """(Bk, heads, G*T, hd) -> (B, T, C) through the output layer: the folded sequences apart again."""
+        Bk, H, GT, hd = y.shape
+        T = GT * Bk // B
+        return self.out(y.view(Bk, H, B // Bk, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, H * hd))
+
+    def forward(self, x, k, v, mask=None, is_causal=False, weights: list | None = None,
+                transposed: bool = False) -> torch.Tensor:
+        """x: (B, T, C) queries; k, v: (Bk, heads, S, hd) with B = G * Bk (transposed: k is (Bk, heads, hd, S),
+        decoding's image keys: `read_image`).
 
         G > 1 when G sequences share one set of keys/values (the beams of one image share its
         cross-attention keys/values): their queries are folded into one longer query axis, so
@@ -49,20 +66,33 @@ class Attention(nn.Module):
         it. SDPA does not return them, so they are computed again beside it, softmax(q kᵀ / √hd) in
         fp32: the output stays SDPA's, so asking for them changes no caption.
         """
+        if transposed:
+            return self.read_image(x, k, v, weights)
         B, T, C = x.shape
         Bk, H, S, hd = k.shape
-        G = B // Bk
-        q = self.split_heads(self.query(x))  # (B, heads, T, hd)
-        q = q.view(Bk, G, H, T, hd).transpose(1, 2).reshape(Bk, H, G * T, hd)  # (Bk, heads, G*T, hd)
+        q = self.queries(x, Bk)  # (Bk, heads, G*T, hd)
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask, is_causal, p)
+        y = attention(q, k, v, mask, is_causal, p)  # (Bk, heads, G*T, hd)
         if weights is not None:  # unmasked (cross-)attention only, as in decoding
             if mask is not None or is_causal:
                 raise ValueError("attention weights are recorded for unmasked (cross-)attention only")
             probs = ((q.float() * hd**-0.5) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (Bk, heads, G*T, S)
-            weights.append(probs.view(Bk, H, G, T, S).transpose(1, 2).reshape(B, H, T, S))
-        y = y.view(Bk, H, G, T, hd).permute(0, 2, 3, 1, 4).reshape(B, T, C)  # (B, T, C)
-        return self.out(y)
+            weights.append(probs.view(Bk, H, B // Bk, T, S).transpose(1, 2).reshape(B, H, T, S))
+        return self.outputs(y, B)
+
+    def read_image(self, x, k_t, v, weights: list | None = None) -> torch.Tensor:
+        """Decoding's cross-attention, as `forward` computes it: x (B, T, C), a few new tokens per sequence;
+        k_t (Bk, heads, hd, S) the image's keys, stored transposed once per image (ImageKV), v (Bk, heads,
+        S, hd). Two plain matrix products and a softmax in fp32: at these shapes (a handful of query rows
+        against 577 keys) the CPU's fused attention kernel takes longer than the products
+        (benchmarks/bench_caption.py). weights: as in `forward`."""
+        B, T, C = x.shape
+        Bk, H, hd, S = k_t.shape
+        q = self.queries(x, Bk) * hd**-0.5  # (Bk, heads, G*T, hd)
+        probs = torch.softmax(q @ k_t, dim=-1, dtype=torch.float32)  # (Bk, heads, G*T, S)
+        if weights is not None:
+            weights.append(probs.view(Bk, H, B // Bk, T, S).transpose(1, 2).reshape(B, H, T, S))
+        return self.outputs(probs.to(v.dtype) @ v, B)
 
 
 class TextLayer(nn.Module):
@@ -88,7 +118,8 @@ class TextLayer(nn.Module):
             k, v = past_kv.append(k, v)  # (B, heads, past + T, hd)
         x = self.norm1(x + self.drop(self.self_attn(x, k, v, mask, is_causal)))
         if self.cross_attn is not None and image_kv is not None:  # no image: text alone (ITC's text encoder)
-            x = self.norm2(x + self.drop(self.cross_attn(x, *image_kv, weights=weights)))
+            y = self.cross_attn(x, *image_kv, weights=weights, transposed=isinstance(image_kv, ImageKV))
+            x = self.norm2(x + self.drop(y))
         return self.norm3(x + self.drop(self.mlp(x)))
 
 
@@ -124,16 +155,47 @@ class TextEmbeddings(nn.Module):
 
 
 class LayerCache:
-    """Keys/values of the tokens one self-attention layer has already seen."""
+    """Keys/values of the tokens one self-attention layer has already seen, in buffers with room for more
+    (twice as much when full): a step writes its new tokens' keys/values in place, not a copy of the past."""
+
+    ROOM = 32  # tokens: a prompt and BLIP's 20 new ones
 
     def __init__(self):
-        self.k = self.v = None  # (B, heads, T_past, hd)
+        self.k = self.v = None  # (B, heads, room, hd)
+        self.length = 0
 
     def append(self, k, v):
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Add (B, heads, T, hd) keys/values -> all of them so far, (B, heads, past + T, hd) views."""
+        end = self.length + k.shape[2]
+        if self.k is None or end > self.k.shape[2]:
+            room = max(self.ROOM, 2 * end)
+            grown = [t.new_empty(t.shape[0], t.shape[1], room, t.shape[3]) for t in (k, v)]
+            if self.length:
+                for new, old in zip(grown, (self.k, self.v), strict=True):
+                    new[:, :, : self.length] = old[:, :, : self.length]
+            self.k, self.v = grown
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep sequences `index`: the past of each into fresh buffers of the same room."""
+        kept = []
+        for t in (self.k, self.v):
+            new = torch.empty_like(t)
+            torch.index_select(t[:, :, : self.length], 0, index, out=new[:, :, : self.length])
+            kept.append(new)
+        self.k, self.v = kept
+
+
+class ImageKV(NamedTuple):
+    """One layer's cross-attention keys and values of the images being decoded, made once per image: keys
+    transposed, (B_images, heads, hd, N), values (B_images, heads, N, hd), both contiguous, as every
+    decoding step reads them (Attention.read_image)."""
+
+    k_t: torch.Tensor
+    v: torch.Tensor
 
 
 class KVCache:
@@ -148,13 +210,12 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        k = self.layers[0].k
-        return 0 if k is None else k.shape[2]
+        return self.layers[0].length
 
     def reorder(self, index: torch.Tensor):
         """Keep sequences `index` (beam search). Image keys/values are per image and stay put."""
         for layer in self.layers:
-            layer.k, layer.v = layer.k[index], layer.v[index]
+            layer.reorder(index)
 
 
 class TextTransformer(nn.Module):
@@ -173,7 +234,10 @@ class TextTransformer(nn.Module):
         """An empty cache for decoding from `image_embeds` (B_images, N, C_image); with record, each
         step also keeps its cross-attention probabilities (`KVCache.weights`)."""
         # contiguous: every step reads all of them, and strided keys/values read ~1.4x slower
-        image_kv = [tuple(t.contiguous() for t in layer.cross_attn.keys_values(image_embeds)) for layer in self.layers]
+        image_kv = []
+        for layer in self.layers:
+            k, v = layer.cross_attn.keys_values(image_embeds)  # (B_images, heads, N, hd)
+            image_kv.append(ImageKV(k.transpose(-2, -1).contiguous(), v.contiguous()))
         return KVCache([LayerCache() for _ in self.layers], image_kv, record)
 
     def self_attention_mask(self, attention_mask, T: int, past: int):

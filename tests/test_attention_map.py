@@ -124,10 +124,10 @@ def test_cli_attention_map_draws_and_keeps_captions(hf_taught, photos, tmp_path,
 
 
 @pytest.mark.parametrize("preset, shapes", [
-    ("tiny", ["(1, 3, 64, 64)", "(1, 64, 128)", "(1, 65, 128)", "2 layers x (keys, values) x (1, 4, 65, 32)",
-              "q (3, 1, 128)"]),
-    ("base", ["(1, 3, 384, 384)", "(1, 576, 768)", "(1, 577, 768)", "12 layers x (keys, values) x (1, 12, 577, 64)",
-              "q (3, 1, 768)"]),
+    ("tiny", ["(1, 3, 64, 64)", "(1, 64, 128)", "(1, 65, 128)", "2 layers x keys (1, 4, 32, 65)",
+              "values (1, 4, 65, 32)", "q (3, 1, 128)"]),
+    ("base", ["(1, 3, 384, 384)", "(1, 576, 768)", "(1, 577, 768)", "12 layers x keys (1, 12, 64, 577)",
+              "values (1, 12, 577, 64)", "q (3, 1, 768)"]),
 ])
 def test_trace_lists_the_real_shapes(tokenizer, photos, preset, shapes):
     """--trace, read from the model's own tensors: the stages of one image, and one line per decoding

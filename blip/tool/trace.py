@@ -65,9 +65,9 @@ class Trace:
         if cache is None:
             return
         if cache.length == 0:
-            k = cache.image_kv[0][0]
-            self.say("cross-attention k/v", f"{len(cache.image_kv)} layers x (keys, values) x {shape(k)}: "
-                     "(images, heads, image tokens, head width), once per image, shared by its beams")
+            k_t, v = cache.image_kv[0]
+            self.say("cross-attention k/v", f"{len(cache.image_kv)} layers x keys {shape(k_t)} (images, heads, head "
+                     f"width, image tokens: transposed once), values {shape(v)}, once per image, shared by its beams")
             self.say("decoder steps", "input ids (one row per beam), self-attention cache length, "
                      "cross-attention queries, logits")
         rows = tokens.tolist()
