@@ -31,7 +31,6 @@ import torch
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's own upper limit for this setting on 64-bit machines
 TRIM_THRESHOLD = 2**30
-CAPTION_MMAP_THRESHOLD = 4 * 2**20  # a decoding step's logits (5.9 MB at 16 images x 3 beams) come and go as pages
 
 
 @functools.cache
@@ -53,16 +52,6 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-def give_back_freed_memory() -> bool:
-    """Tell glibc's malloc to give blocks from CAPTION_MMAP_THRESHOLD up back to the kernel when they are
-    freed, and not to raise that threshold as it goes (which it does after freeing such a block, up to
-    32 MB, after which the freed blocks stay in its heap, fragmented). For captioning: the image side's
-    activations and the cross-attention keys/values are tens of MB each and made once per batch, so
-    handing them back costs little time and keeps the peak to what is alive. True when it took it."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, CAPTION_MMAP_THRESHOLD))
 
 
 def drop_file_pages(t) -> bool:
