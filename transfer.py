@@ -65,16 +65,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# train.py is started by this small process, which writes its peak RSS to argv[1]: Linux carries a process's
+# peak RSS across exec, so a child forked straight from transfer.py (which holds the captioners it scores
+# with) would report at least transfer.py's own memory
+LAUNCH = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def run_train(flags: list, log: Path, threads: int) -> dict:
     """train.py in a child process: exit code, wall time, and its own peak RSS (MB)."""
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "30"}
+    report = log.with_suffix(".rss")
     with open(log, "w") as f:
-        child = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], stdout=f,
-                                 stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)  # the child's own rusage; ru_maxrss is in KB on Linux
-    return {"code": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t0,
-            "rss_mb": usage.ru_maxrss / 1024, "log": log.read_text(errors="replace")}
+        code = subprocess.call([sys.executable, "-c", LAUNCH, str(report), sys.executable, str(ROOT / "train.py"),
+                                *map(str, flags)], stdout=f, stderr=subprocess.STDOUT, env=env)
+    rss_kb = int(report.read_text()) if report.is_file() else 0  # ru_maxrss is in KB on Linux
+    report.unlink(missing_ok=True)
+    return {"code": code, "wall_s": time.perf_counter() - t0, "rss_mb": rss_kb / 1024,
+            "log": log.read_text(errors="replace")}
 
 
 def test_scores(checkpoint: Path, split: Path) -> dict:
