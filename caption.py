@@ -42,9 +42,10 @@ DEFAULT_CHECKPOINT = "checkpoints/blip-base"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Caption images with BLIP. PATHs are image files, folders (searched recursively for "
-        f"{', '.join(sorted(IMAGE_SUFFIXES))}) or glob patterns.",
+        f"{', '.join(sorted(IMAGE_SUFFIXES))}) or glob patterns; or shards: webdataset .tar and .parquet files of "
+        "image bytes, brace patterns such as 'shards/{00000..00099}.tar' or globs, captioned into --output-dir.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern; or shards")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="DIR",
                    help=f"checkpoint folder written by convert_weights.py or train.py (default: {DEFAULT_CHECKPOINT})")
     # the names train.py saves these defaults under, and Captioner.caption's (HF generate's); the old ones too
