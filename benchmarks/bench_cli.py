@@ -320,6 +320,17 @@ def run_folder(args, ours_cmd: list[str], hf: Path, ours: Path, tmp: Path, env: 
             "rates": own, "winners": winners, "hot rates": rates(batch, 3, args.threads, own_weights=False)[0]}
 
 
+def batch_floor(hf: Path, photos: int, new_tokens: int, threads: int) -> float:
+    """Seconds the matrix products of captioning `photos` in one batch (beam 3, `new_tokens` new tokens each)
+    need at this machine's best kernel per shape: the image side at large rows, decoding at few."""
+    from transformers import AutoTokenizer
+
+    prompt = len(AutoTokenizer.from_pretrained(hf)("a picture of ").input_ids) - 1  # [DEC] + the prompt
+    rate = rates(photos, 3, threads)[0]
+    image, decoding = sum(image_flops()) * photos, sum(decoding_flops(prompt, new_tokens, 3)) * photos
+    return image / rate["large"] + decoding / rate["few"]
+
+
 SHARDS = 4  # (c)'s photos again, as webdataset tar shards of JPEGs
 
 
@@ -432,11 +443,14 @@ def main():
         for name, (cmd_ours, cmd_hf) in cases.items():
             if name[1] not in args.parts:
                 continue
-            runs = {"ours": [], "HF": []}
+            runs = {"ours": [], "HF": [], "import torch": []}
             for _ in range(args.repeats):
                 runs["ours"].append(run(cmd_ours, env))
                 runs["HF"].append(run(cmd_hf, env))
+                runs["import torch"].append(run([sys.executable, "-c", "import torch"], env))
             results[name] = runs
+        if "b" in args.parts:  # (b)'s floor: 8 photos, one batch, beam 3, exactly 20 new tokens each
+            b_floor = batch_floor(hf, len(photos), 20, args.threads)
         folder = run_folder(args, ours_cmd, hf, ours, tmp, env) if "c" in args.parts else None
     finally:
         shutil.rmtree(tmp)
@@ -452,13 +466,19 @@ def main():
               f"{'peak RSS ours':>13s} {'HF':>6s} {'ours/HF':>8s}")
     for name, runs in results.items():
         med = {side: {k: statistics.median(r[k] for r in rs) for k in ("wall", "first", "rss")}
-               for side, rs in runs.items()}
+               for side, rs in runs.items() if side != "import torch"}
         o, h = med["ours"], med["HF"]
         print(f"{name:32s} {o['wall']:8.2f}s {h['wall']:6.2f}s {h['wall'] / o['wall']:7.2f}x | "
               f"{o['first']:12.2f}s {h['first']:5.2f}s | "
               f"{o['rss']:12.2f}G {h['rss']:5.2f}G {o['rss'] / h['rss']:7.2f}x")
         walls = {side: ", ".join(f"{r['wall']:.2f}" for r in rs) for side, rs in runs.items()}
-        print(f"{'':32s} runs: ours {walls['ours']}; HF {walls['HF']}")
+        print(f"{'':32s} runs: ours {walls['ours']}; HF {walls['HF']}; import torch {walls['import torch']}")
+        if name.startswith("(b)"):
+            import_torch = statistics.median(r["wall"] for r in runs["import torch"])
+            near = o["wall"] / (b_floor + import_torch)
+            verdict = "PASS" if near <= 1.35 else "FAIL"
+            print(f"{'':32s} floor {b_floor:.2f}s (best kernel per shape, each product its own weight) + import "
+                  f"torch {import_torch:.2f}s: ours {near:.2f}x of it (target 1.35x: {verdict})")
     if folder:
         report_folder(folder)
 
