@@ -284,7 +284,7 @@ def caption_share(args, mine: list, journal, master: bool, world: int) -> int:
         args.decode, args.sampling = (replace(c, bad_words_ids=bad) for c in (args.decode, args.sampling))
     if args.shards:  # whole shards, each into its own output
         # a reader process reads whole shards: no more of them than shards
-        workers = min(default_workers(sys.maxsize, 1, captioner), len(mine)) if args.workers is None else args.workers
+        workers = min(readers(captioner), len(mine)) if args.workers is None else args.workers
         return caption_shards(args, mine, captioner, matcher, workers, master)
     sidecars = Sidecars(args.sidecar, args.existing, args.separator, args.output_dir) if args.sidecar else None
     if sidecars is not None or not args.output:
@@ -369,10 +369,13 @@ def caption_batch(captioner, matcher, batch, pixels, args, generator, stream, wr
 
 def default_workers(n: int, batch_size: int, captioner) -> int:
     """Processes that read and resize pictures while the model works: none for a single batch (starting
-    one costs more than it saves), else one on the CPU (the model's threads want the cores), several
-    for a GPU, which a single process could not keep fed."""
-    if n <= batch_size:
-        return 0
+    one costs more than it saves), else `readers`."""
+    return 0 if n <= batch_size else readers(captioner)
+
+
+def readers(captioner) -> int:
+    """One reader process on the CPU (the model's threads want the cores), several for a GPU, which a single
+    process could not keep fed."""
     return 1 if captioner.device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 

@@ -85,7 +85,7 @@ class Attention(nn.Module):
         k_t (Bk, heads, hd, S) the image's keys, stored transposed once per image (ImageKV), v (Bk, heads,
         S, hd). Two plain matrix products and a softmax in fp32: at these shapes (a handful of query rows
         against 577 keys) the CPU's fused attention kernel takes longer than the products
-        (benchmarks/bench_caption.py). weights: as in `forward`."""
+        (benchmarks/profile_decoding.py). weights: as in `forward`."""
         B, T, C = x.shape
         Bk, H, hd, S = k_t.shape
         q = self.queries(x, Bk) * hd**-0.5  # (Bk, heads, G*T, hd)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from blip.decoding import changed
-from blip.image import ImageError, eval_transform, load_image
+from blip.tool.caption_shards import sample_pixels
 from blip.tool.captioner import Captioner
 from blip.tool.shards import key_and_image
 
@@ -40,22 +40,19 @@ class BatchCaptioner:
         keys, pixels, errors = [], [], []
         for i in range(n):
             key, data = key_and_image({c: batch[c][i] for c in columns}, i)
+            image, error = sample_pixels(key, data, self.captioner.image_size)
             keys.append(key)
-            try:
-                if data is None:
-                    raise ImageError(f"{key}: no image in this sample")
-                pixels.append(eval_transform(load_image(key, bytes(data)), self.captioner.image_size))
-                errors.append(None)
-            except ImageError as e:
-                pixels.append(None)
-                errors.append(str(e))
+            pixels.append(image)
+            errors.append(error)
         good = [i for i in range(n) if pixels[i] is not None]
         captions = [None] * n
         if good:
             tokens = self.captioner.encode(torch.stack([pixels[i] for i in good]))  # (B, N, C)
             texts = self.captioner.caption(tokens, self.prompt, self.config)
             for i, text in zip(good, texts, strict=True):
-                captions[i] = text if text.strip() else None
-                errors[i] = None if text.strip() else f"{keys[i]}: the model wrote an empty caption"
+                if text.strip():
+                    captions[i] = text
+                else:
+                    errors[i] = f"{keys[i]}: the model wrote an empty caption"
         # typed columns: a batch without errors is still a string column, so the files read back as one table
         return pa.table({"key": keys, "caption": captions, "error": errors}, schema=SCHEMA)

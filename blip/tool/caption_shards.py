@@ -48,14 +48,18 @@ class ShardSamples(torch.utils.data.IterableDataset):
             yield Item(i)
 
     def sample(self, i: int, key: str, data: bytes | None) -> Item:
-        name = f"{self.shards[i]}/{key}"
-        if data is None:
-            return Item(i, key, error=f"{name}: no image in this sample")
-        try:
-            pixels = eval_transform(load_image(name, data), self.size)
-        except ImageError as e:
-            return Item(i, key, error=str(e))
-        return Item(i, key, pixels, data=data if self.keep_bytes else None)
+        pixels, error = sample_pixels(f"{self.shards[i]}/{key}", data, self.size)
+        return Item(i, key, pixels, error, data if self.keep_bytes and error is None else None)
+
+
+def sample_pixels(name: str, data: bytes | None, size: int) -> tuple[torch.Tensor | None, str | None]:
+    """A sample's image bytes -> ((3, size, size) pixels, None), or (None, why not) named by `name`."""
+    if data is None:
+        return None, f"{name}: no image in this sample"
+    try:
+        return eval_transform(load_image(name, data), size), None
+    except ImageError as e:
+        return None, str(e)
 
 
 def caption_shards(args, todo: list, captioner, matcher, workers: int, master: bool) -> int:
@@ -74,7 +78,7 @@ def caption_shards(args, todo: list, captioner, matcher, workers: int, master: b
                 if item.key is None:
                     continue
                 text = captions.pop(0) if item.pixels is not None else None
-                if item.error is None and not (text and text[0].strip()):
+                if item.error is None and not text[0]:  # caption_batch gives "" for an empty caption
                     item.error = f"{todo[item.shard][0]}/{item.key}: the model wrote an empty caption"
                 if item.error is not None:
                     tqdm.write(f"error: {item.error}", file=sys.stderr)

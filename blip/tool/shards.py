@@ -14,6 +14,7 @@ Outputs: `DIR/<shard name>.parquet` (columns key, caption, error, and score with
 ({"key", "caption"} or {"key", "error"} lines), in the shard's order.
 """
 
+import glob
 import itertools
 import json
 import os
@@ -67,8 +68,6 @@ def shard_arguments(paths: list[str]) -> tuple[list[str], list[str]]:
 
 def list_shards(args: list[str]) -> tuple[list[Path], list[str]]:
     """Shard arguments -> (shard files in the order given, each once; problems, one line each)."""
-    import glob
-
     found, problems = {}, []
     for arg in args:
         for pattern in expand_braces(arg):
