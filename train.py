@@ -110,8 +110,10 @@ DEFAULT_INIT = "checkpoints/blip-base"
 # (docs/training.md, From scratch): a ViT trained at the decoder's rate, or on cropped pictures, learns
 # colour and place but not shape
 RECIPE = {
-    "pretrained": {"vision_lr_scale": 1.0, "augment": "blip", "batch_size": 32, "epochs": 5, "patience": 0},
-    "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip", "batch_size": 32, "epochs": 5, "patience": 0},
+    "pretrained": {"vision_lr_scale": 1.0, "augment": "blip", "batch_size": 32, "epochs": 5, "patience": 0,
+                   "dropout": 0.0},
+    "scratch": {"lr": 2e-3, "vision_lr_scale": 0.1, "augment": "flip", "batch_size": 32, "epochs": 5, "patience": 0,
+                "dropout": 0.0},
 }
 # what --resume cannot change: the model, what trains and how, the data and its order. Anything else
 # (learning rate, steps, intervals, patience, precision, workers, device) may change.
@@ -166,8 +168,8 @@ def add_model_flags(a):
     a("--tokenizer", metavar="FILE", help="with --init scratch: tokenizer.json or vocab.txt; default: a WordPiece\n"
       "vocabulary trained on the data's captions")
     a("--vocab-size", type=int, default=1000, help="size of that trained vocabulary (default: 1000)")
-    a("--dropout", type=float, default=0.0, help="text dropout (default: 0, as HF's checkpoints; the original\n"
-      "BLIP trained with 0.1)")
+    a("--dropout", type=float, help=f"text dropout in training (default: {plan.DROPOUT} for a small set fine-tuned,\n"
+      "else 0, as HF's checkpoints; the original BLIP trained with 0.1)")
     a("--freeze-vision", action="store_true", help="train the text decoder only; the ViT stays as loaded")
     a("--cache-image-tokens", action="store_true",
       help="with --freeze-vision: compute each picture's image tokens once per view (as it is, and\n"
@@ -305,7 +307,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error("--min-new-tokens and --patience must not be negative")
     if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
-    if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= args.dropout < 1:
+    if not 0 <= args.warmup < 1 or not 0 <= args.label_smoothing < 1 or not 0 <= (args.dropout or 0) < 1:
         p.error("--warmup, --label-smoothing and --dropout must be in [0, 1)")
     if not 0 <= args.replay_fraction < 1:
         p.error("--replay-fraction must be in [0, 1)")
@@ -490,6 +492,7 @@ class Setup:
     prompt_length: int  # the prompt's tokens, which are not targets
     max_tokens: int  # longest token sequence of any caption: [DEC], prompt, caption, [SEP]
     caption_tokens: tuple[int, int]  # shortest and longest training caption, in new tokens
+    small: bool  # the small-set plan (plan_run)
 
 
 def caption_lengths(rows, tokenizer) -> tuple[int, int]:
@@ -543,6 +546,7 @@ def build_model(args, procs: Processes, data: Data) -> Setup:
     shortest, longest = caption_lengths(data.train.rows, tokenizer)
     splits = [data.train, data.val, *data.extra.values()]
     max_tokens = 1 + prompt_length + min(room, max(caption_lengths(s.rows, tokenizer)[1] for s in splits))
+    small = plan_run(args, data, config.text.width)  # the settings the flags left open, dropout among them
     config = replace(config, text=replace(config.text, dropout=args.dropout),
                      generation=fit_generation(shortest, longest, room, args),
                      label_smoothing=args.label_smoothing, prompt=args.prompt)
@@ -556,7 +560,7 @@ def build_model(args, procs: Processes, data: Data) -> Setup:
                                if args.lora and args.lora_tokens == "data" and not args.resume else [])
     model.to(procs.device).train()
     model.set_recompute(recompute.pick_mode(args.grad_checkpointing, model, procs.device))
-    return Setup(model, tokenizer, config, adapter, prompt_length, max_tokens, (shortest, longest))
+    return Setup(model, tokenizer, config, adapter, prompt_length, max_tokens, (shortest, longest), small)
 
 
 def caption_token_ids(rows, tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -607,20 +611,21 @@ def param_groups(model, weight_decay: float, vision_lr_scale: float = 1.0) -> li
 
 
 # --- plan: what the flags leave to the data (blip/tool/plan.py) ------------------------------------------------
-def plan_run(args, data: Data, setup: Setup) -> bool:
+def plan_run(args, data: Data, width: int) -> bool:
     """Fill in the settings the flags left open, from the data and the model, in `args` (so that the log
     and last/ say what ran). True for the small-set plan: pretrained weights, fewer than plan.SMALL_SET
     captions."""
     n = sum(len(row.captions) for row in data.train.rows)
     small = args.init != "scratch" and n < plan.SMALL_SET
-    width, batch = setup.config.text.width, args.batch_size
+    batch = args.batch_size
     if small:
         batch = batch or min(plan.BATCH, n)
         steps = args.max_steps or (plan.small_set_steps(n, batch) if args.epochs is None else None)
         chosen = {"lr": plan.small_set_lr(width, batch, lora=bool(args.lora)), "max_steps": steps,
                   "patience": 0 if data.keep_last else plan.PATIENCE,
                   "eval_every": max(1, steps // 10) if steps else None,
-                  "vision_lr_scale": plan.VISION_LR_SCALE, "augment": "flip"}
+                  "vision_lr_scale": plan.VISION_LR_SCALE, "augment": "flip",
+                  "dropout": 0.0 if data.keep_last else plan.DROPOUT}
     elif args.init != "scratch":  # BLIP's rate, at this width and batch
         batch = batch or RECIPE["pretrained"]["batch_size"]
         chosen = {"lr": plan.BLIP_LR * plan.BLIP_WIDTH / width * math.sqrt(batch / plan.BLIP_BATCH)}
@@ -983,7 +988,7 @@ def probe_step(model, micro: list[Batch], precision: Precision, device: torch.de
 
 
 def describe(args, procs: Processes, setup: Setup, data: Data, batches: Batches, precision: Precision,
-             small: bool, probed: tuple[float, float]) -> str:
+             probed: tuple[float, float]) -> str:
     """The plan in plain words: what trains, on which pictures, how long and at what rate, what it is
     evaluated on and kept by, and what a step costs here."""
     model, generation, (seconds, peak) = setup.model, setup.config.generation, probed
@@ -996,8 +1001,9 @@ def describe(args, procs: Processes, setup: Setup, data: Data, batches: Batches,
                    if batches.n_replay else ""))
     passes = batches.total * (batches.batch - batches.replayed) / batches.n_train
     steps = (f"{batches.total} steps of {batches.batch} pairs ({passes:.0f} passes"
-             f"{', the budget of a small set: blip/tool/plan.py' if small else ''}), "
-             f"learning rate {args.lr:.3g} (the ViT at {args.vision_lr_scale:g} of it), augment {args.augment}")
+             f"{', the budget of a small set: blip/tool/plan.py' if setup.small else ''}), "
+             f"learning rate {args.lr:.3g} (the ViT at {args.vision_lr_scale:g} of it), augment {args.augment}"
+             + (f", text dropout {args.dropout:g}" if args.dropout else ""))
     if data.keep_last:
         judged = (f"evaluated on the training pictures themselves (fewer than {HANDFUL}: none held out), "
                   "the last weights kept")
@@ -1063,7 +1069,6 @@ def main(argv=None) -> int:
         claim_output(args)
         data = read_data(args, procs)
         setup = build_model(args, procs, data)
-        small = plan_run(args, data, setup)
         batches = Batches(args, procs, setup, data)
         # fused: one kernel for all of a step's updates, on CPU as on CUDA (4-5x PyTorch's per-tensor loop on CPU)
         optimizer = torch.optim.AdamW(param_groups(setup.model, args.weight_decay, args.vision_lr_scale),
@@ -1078,7 +1083,7 @@ def main(argv=None) -> int:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         steps = batches.from_step(run.step)
         first = next(steps)  # measured once here, then trained on
-        procs.log(describe(args, procs, setup, data, batches, precision, small,
+        procs.log(describe(args, procs, setup, data, batches, precision,
                            probe_step(setup.model, first, precision, procs.device)))
         code = train_loop(run, model, itertools.chain([first], steps), optimizer, precision, args, procs)
         if code == 0 and args.blend is not None and procs.master:

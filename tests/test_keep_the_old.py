@@ -109,7 +109,6 @@ def batches_of(*argv) -> "train.Batches":
     procs = train.Processes(torch.device("cpu"))
     data = train.read_data(args, procs)
     setup = train.build_model(args, procs, data)
-    train.plan_run(args, data, setup)
     return train.Batches(args, procs, setup, data)
 
 

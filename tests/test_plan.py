@@ -70,7 +70,7 @@ def test_six_photos_with_defaults_are_captioned_as_taught(small_model, tmp_path,
                   "none held out", "the last weights kept", "a step takes about"):
         assert words in said, words
     saved = json.loads((out / "last" / "training.json").read_text())["args"]
-    assert (saved["max_steps"], saved["batch_size"], saved["val_fraction"]) == (steps, batch, 0.0)
+    assert (saved["max_steps"], saved["batch_size"], saved["val_fraction"], saved["dropout"]) == (steps, batch, 0.0, 0)
     assert json.loads((out / "best" / "evaluation.json").read_text())["step"] == steps  # the last is kept
     rows = pq.read_table(data / "data" / "train-00000-of-00001.parquet").to_pylist()
     for row in rows:
@@ -87,15 +87,16 @@ def test_a_hundred_pictures_get_a_budget_from_their_number(small_model, tmp_path
     args = train.parse_args(["--data", str(data), "--init", str(small_model)])
     procs = train.Processes(torch.device("cpu"))
     d = train.read_data(args, procs)
-    setup = train.build_model(args, procs, d)
-    assert train.plan_run(args, d, setup)
+    setup = train.build_model(args, procs, d)  # fills in what the flags left open: train.plan_run
+    assert setup.small and setup.config.text.dropout == args.dropout == plan.DROPOUT
     assert (len(d.train.rows), len(d.val.rows), args.val_fraction) == (90, 10, 0.1)
     assert args.batch_size == plan.BATCH and args.max_steps == plan.small_set_steps(90, plan.BATCH)
     assert args.lr == pytest.approx(plan.LR_AT_128_32 * plan.BATCH / 32)
     assert args.eval_every == args.max_steps // 10 and args.patience == plan.PATIENCE and args.augment == "flip"
-    flags = train.parse_args(["--data", str(data), "--init", str(small_model), "--batch-size", "4", "--epochs", "3"])
-    train.plan_run(flags, train.read_data(flags, procs), setup)  # what the flags say, they keep
-    assert (flags.batch_size, flags.epochs, flags.max_steps, flags.eval_every) == (4, 3, None, None)
+    flags = train.parse_args(["--data", str(data), "--init", str(small_model), "--batch-size", "4", "--epochs", "3",
+                              "--dropout", "0"])
+    train.plan_run(flags, train.read_data(flags, procs), setup.config.text.width)  # what the flags say, they keep
+    assert (flags.batch_size, flags.epochs, flags.max_steps, flags.eval_every, flags.dropout) == (4, 3, None, None, 0)
     assert flags.lr == pytest.approx(plan.LR_AT_128_32 * 4 / 32)  # the rate follows the batch
 
 
@@ -117,6 +118,7 @@ def test_large_sets_and_scratch_keep_blips_epochs(small_model, tmp_path, monkeyp
     for init, lr in ((str(small_model), plan.BLIP_LR * plan.BLIP_WIDTH / 128), ("scratch", 2e-3)):
         args = train.parse_args(["--data", str(data), "--init", init])
         d = train.read_data(args, procs)
-        assert not train.plan_run(args, d, train.build_model(args, procs, d))
+        assert not train.build_model(args, procs, d).small
         assert (args.epochs, args.batch_size, args.max_steps, args.eval_every, args.patience) == (5, 32, None, None, 0)
+        assert args.dropout == 0  # as HF's checkpoints
         assert args.lr == pytest.approx(lr)
