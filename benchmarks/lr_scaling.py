@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=64, help="pitch pictures to fine-tune on (default: 64)")
     p.add_argument("--epochs", type=int, default=200, help="passes over them, at every batch (default: 200)")
     p.add_argument("--evals", type=int, default=8, help="evaluations per run, the best kept (default: 8)")
+    p.add_argument("--dropout", type=float, default=0.0, help="text dropout of every fine-tune (default: 0, as the "
+                   "rates in docs/performance.md were measured; train.py's small-set default is 0.3)")
     p.add_argument("--threads", type=int, default=1, help="threads per train.py (default: 1)")
     p.add_argument("--jobs", type=int, default=2, help="train.py runs at a time (default: 2)")
     p.add_argument("--out", default="runs/lr-scaling", help="where data, runs and the table go")
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
         shutil.rmtree(run, ignore_errors=True)
         wall = train(["--data", task, "--out", run, "--init", out / f"shapes-{preset}" / "best", "--max-steps", steps,
                       "--eval-every", steps // args.evals, "--patience", 0, "--batch-size", batch, "--lr", c * scale,
-                      "--vision-lr-scale", 0.3, "--augment", "flip"], out / f"{run.name}.log", args.threads)
+                      "--vision-lr-scale", 0.3, "--augment", "flip", "--dropout", args.dropout],
+                     out / f"{run.name}.log", args.threads)
         evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"]
         best = max(evals, key=lambda r: r["cider"])
         row = {"preset": preset, "width": WIDTH[preset], "batch": batch, "c": c, "lr": c * scale,
