@@ -168,8 +168,9 @@ def add_model_flags(a):
     a("--tokenizer", metavar="FILE", help="with --init scratch: tokenizer.json or vocab.txt; default: a WordPiece\n"
       "vocabulary trained on the data's captions")
     a("--vocab-size", type=int, default=1000, help="size of that trained vocabulary (default: 1000)")
-    a("--dropout", type=float, help=f"text dropout in training (default: {plan.DROPOUT} for a small set fine-tuned,\n"
-      "else 0, as HF's checkpoints; the original BLIP trained with 0.1)")
+    a("--dropout", type=float, help=f"text dropout in training (default: {plan.DROPOUT} for a small set fine-tuned\n"
+      f"with {plan.DROPOUT_PASSES} or more passes over each picture, else 0, as HF's checkpoints;\n"
+      "the original BLIP trained with 0.1)")
     a("--freeze-vision", action="store_true", help="train the text decoder only; the ViT stays as loaded")
     a("--cache-image-tokens", action="store_true",
       help="with --freeze-vision: compute each picture's image tokens once per view (as it is, and\n"
@@ -625,7 +626,7 @@ def plan_run(args, data: Data, width: int) -> bool:
                   "patience": 0 if data.keep_last else plan.PATIENCE,
                   "eval_every": max(1, steps // 10) if steps else None,
                   "vision_lr_scale": plan.VISION_LR_SCALE, "augment": "flip",
-                  "dropout": 0.0 if data.keep_last else plan.DROPOUT}
+                  "dropout": plan.small_set_dropout(steps * batch / n if steps else args.epochs, data.keep_last)}
     elif args.init != "scratch":  # BLIP's rate, at this width and batch
         batch = batch or RECIPE["pretrained"]["batch_size"]
         chosen = {"lr": plan.BLIP_LR * plan.BLIP_WIDTH / width * math.sqrt(batch / plan.BLIP_BATCH)}

@@ -47,7 +47,8 @@ SHAPES_EPOCHS = 40  # the shapes model: the demo's recipe
 LORA_RANK = 64
 SCRATCH_LR = 2e-3  # train.py's rate from scratch, for its batch of 32 (the demo's recipe)
 # scratch's text dropout, chosen as the fine-tune's (blip/tool/plan.py DROPOUT) on pitch validation, N = 64, seeds
-# 0-2: exact 64.7% at 0, 69.3% at 0.1, 69.0% at 0.2, 71.7% at 0.3, 72.0% at 0.4
+# 0-2: exact 64.7% at 0, 69.3% at 0.1, 69.0% at 0.2, 71.7% at 0.3, 72.0% at 0.4; with the fine-tune's rule of
+# where it applies (small_set_dropout)
 SCRATCH_DROPOUT = 0.4
 KEEP = 0.8  # blends keep at least this share of the shapes model's CIDEr-D on shapes
 # extra train.py flags of each mode; every fine-tune starts from the shapes model with no other flag than
@@ -149,7 +150,8 @@ def job_flags(paths: dict, domain: str, n: int, seed: int, mode: str, out: Path,
         batch = min(plan.BATCH, n)
         steps = small_set_steps(n, batch)
         flags += ["--batch-size", batch, "--max-steps", steps, "--eval-every", max(1, steps // 10),
-                  "--patience", plan.PATIENCE, "--lr", SCRATCH_LR * batch / 32, "--dropout", SCRATCH_DROPOUT]
+                  "--patience", plan.PATIENCE, "--lr", SCRATCH_LR * batch / 32,
+                  "--dropout", plan.small_set_dropout(steps * batch / n, False, SCRATCH_DROPOUT)]
     return flags
 
 

@@ -109,6 +109,10 @@ def test_budget_and_rate_follow_the_data_and_the_width():
     assert plan.small_set_lr(256, 16) == pytest.approx(plan.small_set_lr(128, 16) / 2)  # 1 / width
     assert plan.small_set_lr(128, 32) == pytest.approx(plan.small_set_lr(128, 8) * 4)  # in proportion to the batch
     assert plan.small_set_lr(768, 8) == pytest.approx(4.17e-5, rel=1e-2)  # BLIP-base's
+    dropout = {n: plan.small_set_dropout(passes[n], keep_last=False) for n in passes}
+    assert dropout[16] == dropout[64] == plan.DROPOUT > 0  # many passes over few pictures: learned by heart without
+    assert dropout[256] == dropout[1000] == 0  # 50 passes and fewer
+    assert plan.small_set_dropout(passes[6], keep_last=True) == 0  # a handful, to be written as taught
 
 
 def test_large_sets_and_scratch_keep_blips_epochs(small_model, tmp_path, monkeypatch):
