@@ -37,8 +37,11 @@ def _cpu_vendor() -> str:
 # Where the packed path runs. MKL, which runs PyTorch's F.linear on x86, takes its fastest kernels on
 # Intel CPUs only: there the packed path measured no faster (8 photos x beam 3: 5.48 s against 5.55 s on
 # a Xeon with AVX-512 and AMX), slower for one photo (1.15 s against 0.94 s: packing is first-call work),
-# while it holds the second copy of the weights. So: packed on other CPUs (AMD EPYC: 2-5x), plain F.linear
-# on Intel's. ONEDNN = False turns it off everywhere, True on wherever PyTorch has it (benchmarks, tests).
+# while it holds the second copy of the weights. Packing the text model's weights alone there speeds up
+# decoding's few-row products (a batch of 16 at beam 3: 3.18-3.32 s against 3.38-3.46 s), but not a whole
+# caption.py run of 64 photos (median of 2: 39.6 s against 39.8 s) and it raised the peak RSS (2.94 against 2.68 GB).
+# So: packed on other CPUs (AMD EPYC: 2-5x), plain F.linear on Intel's. ONEDNN = False turns it off
+# everywhere, True on wherever PyTorch has it (benchmarks, tests).
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN = AVAILABLE and _cpu_vendor() != "GenuineIntel"
 

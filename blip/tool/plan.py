@@ -48,9 +48,10 @@ BLIP_LR, BLIP_BATCH, BLIP_WIDTH = 1e-5, 32, 768  # BLIP's COCO recipe (configs/c
 def small_set_lr(width: int, batch: int, lora: bool = False) -> float:
     """The learning rate for a model of this width at this batch: LR_AT_128_32, in proportion to the batch
     (measured on the tiny preset: at the same number of pictures seen, the best rate at batch 8 was a
-    quarter of the best at 32) and in inverse proportion to the width (assumed, as for Adam under muP; not
-    yet measured at a second width: benchmarks/lr_scaling.py --presets small does it). At BLIP-base's width
-    and batch 8 this gives 4.2e-5, near the 5e-5 that HF's BLIP fine-tuning tutorial uses at batch 2.
+    quarter of the best at 32) and in inverse proportion to the width (as for Adam under muP; at widths 128
+    and 256 both were best at the rates it gives, while too high a rate was the same at both, so the two do
+    not rule out a rate free of the width: docs/performance.md#learning-rate). At BLIP-base's width and
+    batch 8 this gives 4.2e-5, near the 5e-5 that HF's BLIP fine-tuning tutorial uses at batch 2.
     LoRA's adapters learn at LORA_LR_SCALE times that."""
     return LR_AT_128_32 * (128 / width) * (batch / 32) * (LORA_LR_SCALE if lora else 1)
 
