@@ -613,9 +613,9 @@ def param_groups(model, weight_decay: float, vision_lr_scale: float = 1.0) -> li
 
 # --- plan: what the flags leave to the data (blip/tool/plan.py) ------------------------------------------------
 def plan_run(args, data: Data, width: int) -> bool:
-    """Fill in the settings the flags left open, from the data and the model, in `args` (so that the log
-    and last/ say what ran). True for the small-set plan: pretrained weights, fewer than plan.SMALL_SET
-    captions."""
+    """Fill in the settings the flags left open, from the data and the model's width, in `args` (so that the
+    log and last/ say what ran); build_model calls it before it makes the model, which takes the dropout.
+    True for the small-set plan: pretrained weights, fewer than plan.SMALL_SET captions."""
     n = sum(len(row.captions) for row in data.train.rows)
     small = args.init != "scratch" and n < plan.SMALL_SET
     batch = args.batch_size

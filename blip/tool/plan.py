@@ -20,7 +20,6 @@ every epoch). Where each value comes from: docs/training.md (benchmarks/lr_scali
 """
 
 import math
-from dataclasses import dataclass
 
 from .data import check_images, read_splits
 
@@ -69,21 +68,6 @@ def small_set_dropout(passes: float, keep_last: bool, dropout: float = DROPOUT) 
     (DROPOUT) at DROPOUT_PASSES or more (64 pictures: 200 passes), none at fewer (256 pictures: 50) or with a
     handful of pictures, none held out (keep_last)."""
     return dropout if passes >= DROPOUT_PASSES and not keep_last else 0.0
-
-
-@dataclass
-class Plan:
-    """The settings a run takes from its data; what the flags gave is kept."""
-
-    small: bool  # the small-set plan (else BLIP's epoch recipe)
-    batch_size: int
-    lr: float
-    max_steps: int | None
-    eval_every: int
-    patience: int
-    vision_lr_scale: float
-    augment: str
-    keep_last: bool  # no pictures held out: best/ is the last evaluation's weights
 
 
 def validation_rows(args: dict) -> list:
