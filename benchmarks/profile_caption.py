@@ -26,6 +26,7 @@ from bench_cli import ROOT, TEXT_LAYERS, C, D, N, best_time, decoding_flops, ima
 sys.path.insert(0, str(ROOT))
 from blip.decoding import generate_from  # noqa: E402
 from blip.image import load_image, preprocess  # noqa: E402
+from blip.speed.memory import keep_freed_memory  # noqa: E402
 from blip.tool.captioner import Captioner  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="pictures per batch (caption.py's default: 16)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as caption.py does
     work = tempfile.TemporaryDirectory(prefix="profile_caption_")  # removed when the process ends
     tmp = Path(work.name)
     _, ours, _ = bench_cli.build(tmp)

@@ -1,15 +1,16 @@
 """The process's memory, where PyTorch leaves it to the C library and the kernel (Linux; elsewhere
 both functions do nothing).
 
-Training: keep what a step frees for the next step. A training step makes and frees the same large
-tensors every step: activations, gradients, the temporaries of backward. glibc's malloc gives
-blocks from 128 KB up (a threshold that grows to at most 32 MB) back to the kernel when they are
-freed, and trims the free top of its heap, so the next step touches fresh pages again and the
-kernel zeroes each one on its first touch. For the base model at batch 4 on the CPU that is about
-250,000 page faults (1 GB) per step, 0.3-1.5 s of kernel time on 2 cores
-(benchmarks/bench_train.py). `keep_freed_memory` makes malloc serve blocks up to 32 MB from its heap
-and trim the heap only past 1 GB of free memory. The peak memory of a step stays the same
-(measured): the next step takes the freed blocks again.
+Keep what is freed for the next use. A training step makes and frees the same large tensors every
+step (activations, gradients, the temporaries of backward), and a captioning batch those of its ViT
+and decoding. glibc's malloc gives each block of 128 KB and up (a threshold that grows to at most 32
+MB) a mapping of its own, returned to the kernel when freed, and trims the free top of its heap, so
+the next use touches fresh pages again and the kernel zeroes each one on its first touch. For the
+base model at batch 4 that is about 250,000 page faults (1 GB) per training step, 0.3-1.5 s of kernel
+time on 2 cores (benchmarks/bench_train.py); captioning 64 photos in batches of 16, whose ViT makes
+blocks of up to 113 MB, spends 2.5 s of its 39 s on them (caption.py). `keep_freed_memory` makes
+malloc serve every block from its heap and trim the heap only past 1 GB of free memory. Peak memory
+does not grow (measured): the next use takes the freed blocks again.
 
 Captioning: give back a checkpoint's pages once nothing reads them. A loaded checkpoint's weights
 are the pages of its file, mapped copy-on-write (blip/checkpoint.py). Where the packed CPU path runs
@@ -28,8 +29,7 @@ import sys
 
 import torch
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 * 2**20  # glibc's own upper limit for this setting on 64-bit machines
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD = 2**30
 
 
@@ -46,12 +46,14 @@ def _libc():
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed blocks for reuse. True when it took the settings."""
+    """Tell glibc's malloc to keep freed blocks for reuse: no block gets a mapping of its own (M_MMAP_MAX 0; the
+    threshold that decides which do cannot be set above 32 MB), the heap's free top is trimmed past 1 GB.
+    True when it took the settings."""
     libc = _libc()
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def drop_file_pages(t) -> bool:
