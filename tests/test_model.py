@@ -59,6 +59,29 @@ def test_base_preset_has_blip_base_size():
     assert 223e6 < n_params < 225e6, n_params  # the base captioner: ~224 M parameters
 
 
+def test_inference_encodes_images_a_few_at_a_time_with_the_same_tokens(tokenizer):
+    """encode_image in inference on the CPU runs the ViT VIT_CHUNK images at a time: the tokens are the whole
+    batch's, and the training path (gradients) still runs the batch at once."""
+    from blip import model as blip_model
+
+    torch.manual_seed(0)
+    model = BlipCaptioner(with_tokenizer(tiny(), tokenizer)).eval()
+    size = model.config.vision.image_size
+    pixels = torch.randn(2 * blip_model.VIT_CHUNK + 1, 3, size, size)
+    calls = []
+    hook = model.visual_encoder.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    with torch.no_grad():
+        whole = model.visual_encoder(pixels)
+        calls.clear()
+        chunked = model.encode_image(pixels)
+    assert calls == [blip_model.VIT_CHUNK, blip_model.VIT_CHUNK, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model.encode_image(pixels)  # gradients recorded: one call
+    assert calls == [len(pixels)]
+    hook.remove()
+
+
 def test_loss_is_blip_loss(hf_tiny, ours_tiny, tokenizer):
     """Equals HF's loss once HF is given what original BLIP does: smoothing 0.1, pads and prompt
     ignored. Pads cannot change it; a [CLS]-first batch is refused."""
