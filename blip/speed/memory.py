@@ -7,10 +7,12 @@ and decoding. glibc's malloc gives each block of 128 KB and up (a threshold that
 MB) a mapping of its own, returned to the kernel when freed, and trims the free top of its heap, so
 the next use touches fresh pages again and the kernel zeroes each one on its first touch. For the
 base model at batch 4 that is about 250,000 page faults (1 GB) per training step, 0.3-1.5 s of kernel
-time on 2 cores (benchmarks/bench_train.py); captioning 64 photos in batches of 16, whose ViT makes
-blocks of up to 113 MB, spends 2.5 s of its 39 s on them (caption.py). `keep_freed_memory` makes
-malloc serve every block from its heap and trim the heap only past 1 GB of free memory. Peak memory
-does not grow (measured): the next use takes the freed blocks again.
+time on 2 cores (benchmarks/bench_train.py). `keep_freed_memory` makes malloc serve every block from
+its heap and trim the heap only past 1 GB of free memory. Peak memory does not grow (measured): the
+next use takes the freed blocks again. Captioning 64 photos in batches of 16 (caption.py, which calls
+it as train.py does): 37.8 s against 39.4 s while the ViT ran 16 images at once (blocks of up to 113
+MB); with the ViT at 4 images at a time (blip/model.py), within 1%, and a peak RSS of 2.67-2.78 GB
+against 2.58-3.20 GB (3 runs each).
 
 Captioning: give back a checkpoint's pages once nothing reads them. A loaded checkpoint's weights
 are the pages of its file, mapped copy-on-write (blip/checkpoint.py). Where the packed CPU path runs
