@@ -146,12 +146,17 @@ D, TEXT_LAYERS, VOCAB, HEAD_DIM = 768, 12, 30524, 64
 MLP = 4 * C
 
 
+def image_kv_flops() -> int:
+    """FLOPs per image of the decoder's cross-attention keys and values of the image tokens (every layer's)."""
+    return 2 * TEXT_LAYERS * 2 * N * C * D
+
+
 def image_flops() -> tuple[int, int]:
     """(linear, attention) FLOPs per image, computed once per image: the patch embedding, the ViT (qkv, proj,
     MLP; attention's q.k and p.v) and the decoder's cross-attention keys and values of the image tokens."""
-    linear = (N - 1) * PATCH_IN * C + VIT_LAYERS * N * (3 * C * C + C * C + 2 * C * MLP) + TEXT_LAYERS * 2 * N * C * D
+    linear = (N - 1) * PATCH_IN * C + VIT_LAYERS * N * (3 * C * C + C * C + 2 * C * MLP)
     attention = VIT_LAYERS * 2 * N * N * C
-    return 2 * linear, 2 * attention
+    return 2 * linear + image_kv_flops(), 2 * attention
 
 
 def decoding_flops(prompt: int, new_tokens: int, beams: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import bench_cli
 import torch
-from bench_cli import ROOT, TEXT_LAYERS, C, D, N, best_time, decoding_flops, image_flops, rates
+from bench_cli import ROOT, TEXT_LAYERS, D, N, best_time, decoding_flops, image_flops, image_kv_flops, rates
 
 sys.path.insert(0, str(ROOT))
 from blip.decoding import generate_from  # noqa: E402
@@ -35,6 +35,12 @@ def clock(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
+
+
+def image_kv_bytes(images: int) -> int:
+    """The fp32 cross-attention keys and values of `images` images, every decoder layer's: what each decoding
+    step reads besides the weights."""
+    return TEXT_LAYERS * 2 * images * N * D * 4
 
 
 def main():
@@ -54,25 +60,32 @@ def main():
     pixels, read = clock(lambda: preprocess([load_image(tmp / "folder" / n) for n in names], captioner.image_size))
     model, cfg = captioner.model, captioner.defaults
     prompt = captioner.tokenizer.encode_prompt(captioner.prompt)
-    steps = [0]  # decoder calls: the prompt, then one per new token of the batch's beams
-    model.text_decoder.register_forward_pre_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    # what each decoding step reads: every decoder weight it multiplies by (the image keys/values' own weights
+    # run once per image, in their phase) and the batch's image keys/values of every layer
+    decoder = model.text_decoder
+    skip = {id(w) for layer in decoder.layers for w in (layer.cross_attn.key.weight, layer.cross_attn.value.weight)}
+    skip.add(id(decoder.embeddings.position.weight))
+    weights = sum(w.numel() * w.element_size() for w in decoder.parameters() if id(w) not in skip)
+    calls = []  # decoder calls: the prompt, then one per new token of the batch's beams
+    decoder.register_forward_pre_hook(lambda *_: calls.append(1))
     vit = kv = decoding = 0.0
-    new_tokens, batch_steps = [], []
+    new_tokens, traffic, steps = [], 0, 0
     with torch.inference_mode():
         for i in range(0, len(names), args.batch):
             tokens, t = clock(model.encode_image, pixels[i : i + args.batch])
             vit += t
             kv += clock(model.new_cache, tokens)[1]  # what generate_from does first, timed alone
-            steps[0] = 0
+            calls.clear()
             ids, t = clock(generate_from, model, tokens, prompt, cfg)
             decoding += t
             new_tokens += [len(x) for x in ids]
-            batch_steps.append(steps[0])
+            steps += len(calls)
+            traffic += len(calls) * (weights + image_kv_bytes(len(tokens)))
     decoding -= kv
 
     r, _ = rates(args.batch, cfg.num_beams, args.threads)
     n, g = len(names), 1e9
-    kv_linear = 2 * TEXT_LAYERS * 2 * N * C * D
+    kv_linear = image_kv_flops()
     image_linear, image_attention = image_flops()
     dec = [decoding_flops(len(prompt), t, cfg.num_beams) for t in new_tokens]
     floors = {
@@ -92,26 +105,19 @@ def main():
     total, floor = sum(t for t, _ in phases.values()), sum(floors.values())
     print(f"{'total':28s} {total:7.2f}s {floor:7.2f}s {total / (floor + import_torch):9.2f}x (of floor + import torch)")
 
-    # what each decoding step reads: every decoder weight it multiplies by (the image keys/values' own weights
-    # ran once, in their phase), and the batch's image keys/values of every layer
-    decoder = model.text_decoder
-    skip = {id(w) for layer in decoder.layers for w in (layer.cross_attn.key.weight, layer.cross_attn.value.weight)}
-    skip.add(id(decoder.embeddings.position.weight))
-    weights = sum(w.numel() * w.element_size() for w in decoder.parameters() if id(w) not in skip)
-    image_kv = lambda b: TEXT_LAYERS * 2 * b * N * D * 4  # noqa: E731 fp32 keys and values of b images
-    sizes = [min(args.batch, n - i) for i in range(0, n, args.batch)]
-    traffic = sum(s * (weights + image_kv(b)) for s, b in zip(batch_steps, sizes, strict=True))
     big = torch.randn(2**28)
     bandwidth = big.numel() * 4 / best_time(big.sum)
     reads = traffic / bandwidth
-    print(f"decoding reads {traffic / g:.1f} GB in {sum(batch_steps)} steps (each: the decoder's {weights / 2**20:.0f} "
-          f"MiB of weights, {image_kv(args.batch) / 2**20:.0f} MiB of image keys/values at {args.batch} pictures): "
+    print(f"decoding reads {traffic / g:.1f} GB in {steps} steps (each: the decoder's {weights / 2**20:.0f} "
+          f"MiB of weights, {image_kv_bytes(args.batch) / 2**20:.0f} MiB of image keys/values at {args.batch} "
+          f"pictures): "
           f"{reads:.2f}s at this machine's read rate, {bandwidth / g:.1f} GB/s")
     print(f"floor + those reads + import torch: {floor + reads + import_torch:.2f}s; ours {total:.2f}s = "
           f"{total / (floor + reads + import_torch):.2f}x of it")
     print(f"rates: ViT linears {r['large'] / g:.0f} GFLOP/s, ViT attention at its own shape "
           f"{r['vit attention'] / g:.0f} GFLOP/s (the floor counts it at the linears' rate), decoding "
           f"{r['few'] / g:.0f} GFLOP/s")
+
 
 if __name__ == "__main__":
     main()
