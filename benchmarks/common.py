@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blip import BlipCaptioner
 from blip.speed import linear  # noqa: E402
-from blip.tool.convert import HF, OURS, config_from_hf, rename  # noqa: E402
+from blip.tool.convert import config_from_hf  # noqa: E402
+from blip.tool.names import HF, OURS, rename  # noqa: E402
 
 LARGE_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
 
@@ -76,7 +77,7 @@ def same_weights(size: str = "base", retrieval: bool = False):
     """(HF model, ours) with random weights, identical values: BlipForConditionalGeneration and our
     BlipCaptioner, or with retrieval BlipForImageTextRetrieval and our BlipRetrieval."""
     from blip import BlipRetrieval
-    from blip.tool.convert import CAPTIONER, RETRIEVAL
+    from blip.tool.names import CAPTIONER, RETRIEVAL
 
     ours_class, layout = (BlipRetrieval, RETRIEVAL) if retrieval else (BlipCaptioner, CAPTIONER)
     hf = hf_model(size, retrieval)

@@ -4,7 +4,7 @@ BLIP (Li et al., 2022, section 3.1) shares one post-LN BERT layer design between
 (bidirectional self-attention) and its decoder (causal self-attention); both may cross-attend
 to the image tokens after self-attention. The decoder ends in BERT's LM head whose output
 matrix is the word-embedding matrix (tied). Matches HF `BlipTextLMHeadModel` and the original
-`models/med.py`; only the parameter names differ (see blip/tool/convert.py for the table).
+`models/med.py`; only the parameter names differ (see blip/tool/names.py for the table).
 """
 
 from typing import NamedTuple

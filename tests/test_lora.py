@@ -21,7 +21,8 @@ from blip.lora import (
 )
 from blip.model import caption_labels, caption_loss
 from blip.speed import linear
-from blip.tool.convert import HF, OURS, config_from_hf, rename
+from blip.tool.convert import config_from_hf
+from blip.tool.names import HF, OURS, rename
 from conftest import make_hf_model
 
 # every test here on both linear paths (blip/speed/linear.py), whatever the CPU

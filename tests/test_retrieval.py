@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from blip import BlipRetrieval
-from blip.tool.convert import HF, ORIGINAL, OURS, RETRIEVAL, config_from_hf, rename
+from blip.tool.convert import config_from_hf
+from blip.tool.names import HF, ORIGINAL, OURS, RETRIEVAL, rename
 from conftest import captions_batch, corpus, hf_config, randomize
 
 
