@@ -360,13 +360,15 @@ def make_shards(folder: Path, out: Path, n: int) -> str:
     return str(out / f"{{00000..{n - 1:05d}}}.tar")
 
 
-def read_shard_outputs(folder: Path, names: list[str]):
-    """Exits unless the shards' outputs hold a caption of each photo."""
+def read_shard_outputs(folder: Path, names: list[str]) -> dict[str, str]:
+    """The shards' outputs as {key: caption}; exits unless they hold a caption of each photo."""
     import pyarrow.parquet as pq
 
-    keys = sorted(r["key"] for p in folder.glob("*.parquet") for r in pq.read_table(p).to_pylist() if r["caption"])
-    if keys != sorted(Path(name).stem for name in names):
-        raise SystemExit(f"{folder.name}: {len(keys)} captions, expected one for each of the {len(names)} photos")
+    captions = {r["key"]: r["caption"] for p in folder.glob("*.parquet") for r in pq.read_table(p).to_pylist()
+                if r["caption"]}
+    if sorted(captions) != sorted(Path(name).stem for name in names):
+        raise SystemExit(f"{folder.name}: {len(captions)} captions, expected one for each of the {len(names)} photos")
+    return captions
 
 
 def report_folder(c: dict):

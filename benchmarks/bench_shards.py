@@ -110,12 +110,8 @@ def main():
                                        args.dtype, "--batch-size", str(args.batch)], env))
             runs["HF"].append(timed([sys.executable, "-c", HF_SHARDS, str(hf), args.device, torch_dtype,
                                      str(args.batch), str(tmp / f"hf{i}.jsonl"), *shards], env))
-            bench_cli.read_shard_outputs(tmp / f"ours{i}", names)
-        import pyarrow.parquet as pq
-
-        ours_captions = {r["key"]: r["caption"] for f in (tmp / "ours0").glob("*.parquet")
-                         for r in pq.read_table(f).to_pylist()}
-        hf_captions = {r["key"]: r["caption"] for r in map(json.loads, (tmp / "hf0.jsonl").read_text().splitlines())}
+            ours_captions = bench_cli.read_shard_outputs(tmp / f"ours{i}", names)
+        hf_captions = {r["key"]: r["caption"] for r in map(json.loads, (tmp / f"hf{i}.jsonl").read_text().splitlines())}
         if sorted(hf_captions) != sorted(ours_captions):
             raise SystemExit(f"HF captioned {len(hf_captions)} pictures, ours {len(ours_captions)}")
     finally:
